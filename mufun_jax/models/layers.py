@@ -1,0 +1,102 @@
+"""Small building blocks shared by the models: parameters with logical axes, Linear,
+LayerNorm, RMSNorm, Embed, and the dtype/GELU conventions of the PyTorch reference.
+
+We write these ourselves rather than use ``nnx.Linear`` & co. so that (a) every parameter
+carries ``logical_axes`` metadata that :mod:`mufun_jax.sharding` maps onto a mesh, (b)
+normalisations follow HF's exact fp32 recipes, and (c) parameter names are stable for the
+weight mapping in :mod:`mufun_jax.convert`.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str, ...]
+
+default_kernel_init = nnx.initializers.normal(0.02)
+
+
+class FrozenParam(nnx.Variable):
+    """A weight that is loaded and saved like a parameter but never trained
+    (Whisper's positional table: ``requires_grad_(False)`` in HF)."""
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Axes, dtype) -> nnx.Param:
+    if len(axes) != len(shape):
+        raise ValueError(f"logical axes {axes} do not match parameter shape {tuple(shape)}")
+    return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+def gelu(x):
+    """Exact (erf) GELU, as torch ``nn.GELU()``; jax's default is the tanh approximation."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias`` with kernel stored (in, out) and matmul in ``dtype``."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, kernel_init=default_kernel_init):
+        self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (out_features,), axes[-1:], param_dtype) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x):
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """torch ``nn.LayerNorm`` semantics (eps 1e-5 by default, unlike Flax's 1e-6); statistics in fp32."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-5, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), ("norm",), param_dtype)
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), ("norm",), param_dtype)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """HF ``Qwen3RMSNorm``: normalise in fp32, cast back to the input dtype, then times the weight."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, axes: Axes = ("norm",), dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), axes, param_dtype)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        in_dtype = x.dtype
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return (x32.astype(in_dtype) * self.scale[...].astype(in_dtype)).astype(self.dtype)
+
+
+class Embed(nnx.Module):
+    """Token embedding table (vocab, embed); ``attend`` gives tied-embedding logits."""
+
+    def __init__(self, num_embeddings: int, features: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.embedding = param(rngs, default_kernel_init, (num_embeddings, features), ("vocab", "embed"),
+                               param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, ids):
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x):
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)

@@ -1,0 +1,173 @@
+"""Qwen3 decoder-only LM (HF ``Qwen3ForCausalLM``), with stacked layers and a KV cache.
+
+Per-head q_norm/k_norm before split-half RoPE, grouped-query attention, SiLU-gated MLP,
+no biases, tied or untied lm_head. Softmax runs in fp32 whatever the compute dtype.
+
+Two attention modes:
+- no cache (training, scoring): causal by array index, restricted to equal ``segment_ids``
+  (0 marks padding), so packed rows never attend across samples;
+- with a :class:`KVCache` (prefill and decoding): keys/values are written at slot = position,
+  and a query at position p sees slots <= p. Rows must be right-padded with positions
+  ``0..T-1`` at prefill; slots past a row's length hold junk that is masked until overwritten.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mufun_jax.config import Qwen3Config
+from mufun_jax.models.layers import Embed, Linear, RMSNorm
+from mufun_jax.models.scan import scan_layers, stack_layers
+
+_MASKED = -1e30  # finite, so fully masked (padding) rows give uniform weights instead of NaN
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # (layers, batch, max_len, kv_heads, head_dim)
+    v: jax.Array
+
+    @classmethod
+    def init(cls, cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
+    """HF default RoPE tables for (batch, seq) positions: (batch, seq, head_dim), split-half layout."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """x (b, t, heads, d); rotate_half pairs dimension i with i + d/2."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+def attention_mask(positions, segment_ids=None, cache_len: int | None = None):
+    """Boolean (batch, q_len, k_len) mask for the two modes described in the module docstring."""
+    if cache_len is not None:
+        return jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]
+    t = positions.shape[1]
+    mask = jnp.tril(jnp.ones((t, t), bool))[None]
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = mask & same & (segment_ids[:, None, :] != 0)
+    return mask
+
+
+class Qwen3Attention(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=False)
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = Linear(h, cfg.num_attention_heads * d, axes=("embed", "heads"), **kw)
+        self.k_proj = Linear(h, cfg.num_key_value_heads * d, axes=("embed", "kv_heads"), **kw)
+        self.v_proj = Linear(h, cfg.num_key_value_heads * d, axes=("embed", "kv_heads"), **kw)
+        self.o_proj = Linear(cfg.num_attention_heads * d, h, axes=("heads", "embed"), **kw)
+        nkw = dict(eps=cfg.rms_norm_eps, axes=("head_dim",), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_norm = RMSNorm(d, **nkw)
+        self.k_norm = RMSNorm(d, **nkw)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
+
+    def __call__(self, x, cos, sin, mask, positions, kv=None):
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            rows = jnp.arange(b)[:, None]
+            kv = (kv[0].at[rows, positions].set(k.astype(kv[0].dtype)),
+                  kv[1].at[rows, positions].set(v.astype(kv[1].dtype)))
+            k, v = kv[0].astype(q.dtype), kv[1].astype(q.dtype)
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * self.head_dim**-0.5
+        scores = jnp.where(mask[:, None, None], scores, _MASKED)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * self.head_dim)
+        return self.o_proj(out), kv
+
+
+class Qwen3MLP(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, use_bias=False)
+        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3DecoderLayer(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.self_attn = Qwen3Attention(cfg, **kw)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
+        self.mlp = Qwen3MLP(cfg, **kw)
+
+    def __call__(self, x, cos, sin, mask, positions, kv=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, positions, kv)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Qwen3ForCausalLM(nnx.Module):
+    def __init__(self, cfg: Qwen3Config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat_policy: str = "none",
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        self.remat_policy = remat_policy
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
+        self.layers = stack_layers(lambda r: Qwen3DecoderLayer(cfg, rngs=r, **kw), cfg.num_hidden_layers, rngs)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, rngs=rngs, **kw)
+        self.lm_head = None if cfg.tie_word_embeddings else Linear(
+            cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), use_bias=False, rngs=rngs, **kw)
+
+    def embed(self, input_ids):
+        """Token embeddings; negative ids (placeholders, ignore labels) embed as id 0."""
+        return self.embed_tokens(jnp.clip(input_ids, 0, self.cfg.vocab_size - 1))
+
+    def logits(self, hidden):
+        out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def hidden_states(self, inputs_embeds, positions=None, segment_ids=None, cache: KVCache | None = None):
+        """Final-normed hidden states (batch, seq, hidden) and the updated cache (or None)."""
+        b, t, _ = inputs_embeds.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
+        mask = attention_mask(positions, segment_ids, None if cache is None else cache.max_len)
+
+        def body(layer, x, kv):
+            return layer(x, cos, sin, mask, positions, kv)
+
+        xs = None if cache is None else (cache.k, cache.v)
+        x, new_kv = scan_layers(self.layers, body, inputs_embeds.astype(self.dtype), xs,
+                                remat_policy=self.remat_policy)
+        return self.norm(x), (None if cache is None else KVCache(*new_kv))
+
+    def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None,
+                 cache: KVCache | None = None):
+        """Returns (fp32 logits, updated cache or None)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed(input_ids)
+        h, cache = self.hidden_states(inputs_embeds, positions, segment_ids, cache)
+        return self.logits(h), cache

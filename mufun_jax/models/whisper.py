@@ -1,0 +1,131 @@
+"""Whisper audio encoder (the encoder of HF ``WhisperForConditionalGeneration``) with
+hidden-state taps numbered as HF's ``output_hidden_states``.
+
+Tap 0 is the conv+position output, tap k (0 < k < L) the output of block k, and tap L
+the last block's output *after* the final LayerNorm (HF appends ``last_hidden_state``).
+The blocks between consecutive taps run as one ``lax.scan`` each, so compile time grows
+with the number of taps, not with depth.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mufun_jax.config import WhisperConfig
+from mufun_jax.models.layers import FrozenParam, LayerNorm, Linear, gelu, param
+from mufun_jax.models.scan import scan_layers, stack_layers
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+    """Whisper's positional table at initialisation (overwritten by real weights on load)."""
+    inc = math.log(max_timescale) / (channels // 2 - 1)
+    inv = np.exp(-inc * np.arange(channels // 2))
+    t = np.arange(length)[:, None] * inv[None, :]
+    return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
+
+
+class WhisperAttention(nnx.Module):
+    """Bidirectional multi-head attention; ``k_proj`` has no bias, as in Whisper."""
+
+    def __init__(self, cfg: WhisperConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        d = cfg.d_model
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(d, d, axes=("embed", "heads"), **kw)
+        self.k_proj = Linear(d, d, axes=("embed", "heads"), use_bias=False, **kw)
+        self.v_proj = Linear(d, d, axes=("embed", "heads"), **kw)
+        self.out_proj = Linear(d, d, axes=("heads", "embed"), **kw)
+        self.num_heads = cfg.encoder_attention_heads
+        self.head_dim = cfg.head_dim
+
+    def __call__(self, x):
+        b, t, _ = x.shape
+        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, -1)
+        return self.out_proj(out)
+
+
+class WhisperEncoderLayer(nnx.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + fc2(gelu(fc1(LN(x))))."""
+
+    def __init__(self, cfg: WhisperConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        d = cfg.d_model
+        self.self_attn_layer_norm = LayerNorm(d, eps=cfg.layer_norm_eps, **kw)
+        self.self_attn = WhisperAttention(cfg, **kw)
+        self.final_layer_norm = LayerNorm(d, eps=cfg.layer_norm_eps, **kw)
+        self.fc1 = Linear(d, cfg.encoder_ffn_dim, axes=("embed", "mlp"), **kw)
+        self.fc2 = Linear(cfg.encoder_ffn_dim, d, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        x = x + self.self_attn(self.self_attn_layer_norm(x))
+        return x + self.fc2(gelu(self.fc1(self.final_layer_norm(x))))
+
+
+class WhisperEncoder(nnx.Module):
+    def __init__(self, cfg: WhisperConfig, *, taps=None, dtype=jnp.float32, param_dtype=jnp.float32,
+                 remat_policy: str = "none", rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.taps = tuple(taps) if taps is not None else (cfg.encoder_layers,)
+        if list(self.taps) != sorted(set(self.taps)) or self.taps[0] < 0 or self.taps[-1] > cfg.encoder_layers:
+            raise ValueError(f"taps={list(self.taps)} must be strictly increasing in [0, {cfg.encoder_layers}]")
+        self.dtype = dtype
+        self.remat_policy = remat_policy
+        d, m = cfg.d_model, cfg.num_mel_bins
+        init = nnx.initializers.lecun_normal()
+        # Conv kernels are stored (width, in, out); torch stores (out, in, width).
+        self.conv1 = nnx.Dict(
+            kernel=param(rngs, init, (3, m, d), ("conv_window", "mel", "embed"), param_dtype),
+            bias=param(rngs, nnx.initializers.zeros, (d,), ("embed",), param_dtype),
+        )
+        self.conv2 = nnx.Dict(
+            kernel=param(rngs, init, (3, d, d), ("conv_window", "conv_in", "embed"), param_dtype),
+            bias=param(rngs, nnx.initializers.zeros, (d,), ("embed",), param_dtype),
+        )
+        self.embed_positions = FrozenParam(
+            jnp.asarray(sinusoids(cfg.max_source_positions, d), param_dtype), logical_axes=("positions", "embed")
+        )
+        self.layers = stack_layers(
+            lambda r: WhisperEncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r), cfg.encoder_layers, rngs
+        )
+        self.layer_norm = LayerNorm(d, eps=cfg.layer_norm_eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def check_input(self, mel) -> None:
+        cfg = self.cfg
+        if mel.ndim != 3 or mel.shape[1] != cfg.num_mel_bins or mel.shape[2] != cfg.num_frames:
+            raise ValueError(
+                f"Whisper expects mel features of shape (chunks, {cfg.num_mel_bins}, {cfg.num_frames}); got "
+                f"{tuple(mel.shape)}. Pad or trim each 30 s chunk to {cfg.num_frames} frames with "
+                f"{cfg.num_mel_bins} mel bins (WhisperFeatureExtractor does this)."
+            )
+
+    def _conv(self, x, p, stride):
+        y = jax.lax.conv_general_dilated(
+            x, p["kernel"][...].astype(self.dtype), window_strides=(stride,), padding=[(1, 1)],
+            dimension_numbers=("NWC", "WIO", "NWC"),
+        )
+        return gelu(y + p["bias"][...].astype(self.dtype))
+
+    def __call__(self, mel) -> list[jax.Array]:
+        """mel (chunks, n_mels, 3000) -> one (chunks, 1500, d_model) array per tap."""
+        self.check_input(mel)
+        x = jnp.swapaxes(mel.astype(self.dtype), 1, 2)  # (N, frames, mels)
+        x = self._conv(x, self.conv1, 1)
+        x = self._conv(x, self.conv2, 2)
+        x = x + self.embed_positions[...].astype(self.dtype)
+
+        body = lambda layer, h, _: (layer(h), None)
+        outs, done, n = [], 0, self.cfg.encoder_layers
+        for tap in self.taps:
+            if tap > done:
+                x, _ = scan_layers(self.layers, body, x, start=done, stop=tap, remat_policy=self.remat_policy)
+                done = tap
+            outs.append(self.layer_norm(x) if tap == n else x)
+        return outs

@@ -1,0 +1,27 @@
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def rel_err(a, b) -> float:
+    """max |a - b| / max |b|: the parity metric used throughout (b is the torch reference)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+FP32_TOL = 1e-4  # max |jax - torch| <= 1e-4 x max |torch|, per tensor
+
+
+@pytest.fixture(scope="session")
+def torch_threads():
+    import torch
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    return torch
