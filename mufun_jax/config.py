@@ -21,7 +21,7 @@ IGNORE_INDEX = -100
 ENDOFTEXT_ID = 151643  # `<|endoftext|>`: pad, and eos of base models
 IM_END_ID = 151645  # `<|im_end|>`: end token of the instruct template
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # implemented in models/scan.py
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -276,7 +276,7 @@ class MuFunConfig:
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {REMAT_POLICIES}")
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
         if self.tokenizer_padding_side not in ("right", "left"):
             raise ValueError(f"tokenizer_padding_side={self.tokenizer_padding_side!r} must be 'right' or 'left'")
 

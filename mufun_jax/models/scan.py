@@ -11,12 +11,15 @@ from typing import Callable
 import jax
 from flax import nnx
 
+from mufun_jax import config
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
 }
+assert set(REMAT_POLICIES) == set(config.REMAT_POLICIES)
 
 
 def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
