@@ -363,6 +363,11 @@ class MuFunConfig:
         ):
             if d.get(key) is not None:
                 fields[key] = d[key]
+        # Not in the reference config (fixed in its code); our exports record them for small models.
+        if d.get("audio_taps") is not None:
+            fields["taps"] = tuple(d["audio_taps"])
+        if d.get("audio_pool_stride") is not None:
+            fields["pool_stride"] = int(d["audio_pool_stride"])
         fields.update(kw)
         return cls(whisper=whisper, qwen3=qwen3, connector_type=d["connector_type"], **fields)
 
@@ -384,6 +389,8 @@ class MuFunConfig:
             "tokenizer_padding_side": self.tokenizer_padding_side,
             "tokenizer_model_max_length": self.tokenizer_model_max_length,
             "tokenizer_use_fast": self.tokenizer_use_fast,
+            "audio_taps": list(self.taps),  # extra keys: TinyLlavaConfig keeps unknown kwargs as attributes
+            "audio_pool_stride": self.pool_stride,
         }
 
 
