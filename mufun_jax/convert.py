@@ -44,18 +44,10 @@ class Rule:
     kind: str = "copy"  # copy | linear (torch (out,in) <-> (in,out)) | conv (torch (out,in,k) <-> (k,in,out))
 
     def to_flax(self, a: np.ndarray) -> np.ndarray:
-        if self.kind == "linear":
-            return np.ascontiguousarray(a.T)
-        if self.kind == "conv":
-            return np.ascontiguousarray(a.transpose(2, 1, 0))
-        return a
+        # Both layout changes reverse the axes, so each is its own inverse.
+        return np.ascontiguousarray(a.transpose()) if self.kind in ("linear", "conv") else a
 
-    def to_torch(self, a: np.ndarray) -> np.ndarray:
-        if self.kind == "linear":
-            return np.ascontiguousarray(a.T)
-        if self.kind == "conv":
-            return np.ascontiguousarray(a.transpose(2, 1, 0))
-        return a
+    to_torch = to_flax
 
     def torch_keys(self) -> list[str]:
         return [self.key] if self.layers is None else [self.key.format(i=i) for i in range(self.layers)]

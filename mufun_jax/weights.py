@@ -210,12 +210,11 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled)
 
 
-def write_params(dst_params: Path, cfg: MuFunConfig, produce: Callable[[str, Rule, tuple], np.ndarray],
+def write_params(dst_params: Path, cfg: MuFunConfig, shapes: dict, produce: Callable[[str, Rule, tuple], np.ndarray],
                  total_bytes: int, progress: bool = True) -> None:
     """Stream every parameter through ``produce(component, rule, flax_shape)`` into Orbax."""
     import orbax.checkpoint.experimental.v1 as ocp
 
-    shapes = _expected_shapes(cfg)
     with _orbax_context(), _progress(total_bytes, "import", progress) as bar:
         for comp in COMPONENTS:
             for rule in rules(cfg, comp):
@@ -274,10 +273,11 @@ def import_checkpoint(dst: str | Path, src: str | Path | None = None, *, whisper
             out[i] = t
         return out
 
-    total = _total_bytes(cfg, sources, target)
+    shapes = _expected_shapes(cfg)
+    total = _total_bytes(cfg, shapes, sources, target)
     dst = Path(dst)
     with _atomic_dir(dst, overwrite) as tmp:
-        write_params(tmp / PARAMS_DIR, cfg, produce, total, progress)
+        write_params(tmp / PARAMS_DIR, cfg, shapes, produce, total, progress)
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg.to_dict(), indent=2))
         for name in TOKENIZER_FILES:
             if (tokenizer_dir / name).exists():
@@ -295,8 +295,7 @@ def _init_connector(cfg: MuFunConfig, seed: int) -> dict[FlaxPath, np.ndarray]:
     return get_params(Connector(cfg.connector, rngs=nnx.Rngs(seed)))
 
 
-def _total_bytes(cfg, sources, target) -> int:
-    shapes = _expected_shapes(cfg)
+def _total_bytes(cfg, shapes, sources, target) -> int:
     total = 0
     for comp in COMPONENTS:
         for rule in rules(cfg, comp):
@@ -330,20 +329,34 @@ def param_metadata(path: str | Path) -> dict[FlaxPath, tuple[tuple[int, ...], np
     return {tuple(k.key for k in kp): (tuple(v.shape), np.dtype(v.dtype)) for kp, v in flat}
 
 
-def read_param(path: str | Path, name: FlaxPath, meta=None) -> np.ndarray:
-    """One parameter as a host numpy array (the rest of the checkpoint is not read)."""
-    import jax
+def _restore(path: str | Path, meta, leaf) -> dict:
+    """Restore from Orbax with ``leaf(path, shape, dtype)`` giving each leaf's abstract value
+    (``ocp.PLACEHOLDER`` skips that parameter)."""
     import orbax.checkpoint.experimental.v1 as ocp
 
-    meta = meta or param_metadata(path)
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     abstract: dict = {}
     for p, (shape, dtype) in meta.items():
         node = abstract
         for k in p[:-1]:
             node = node.setdefault(k, {})
-        node[p[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=cpu) if p == name else ocp.PLACEHOLDER
-    tree = ocp.load(Path(path) / PARAMS_DIR, abstract)
+        node[p[-1]] = leaf(p, shape, dtype)
+    return ocp.load(Path(path) / PARAMS_DIR, abstract)
+
+
+def _cpu():
+    import jax
+
+    return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+
+
+def read_param(path: str | Path, name: FlaxPath, meta=None) -> np.ndarray:
+    """One parameter as a host numpy array (the rest of the checkpoint is not read)."""
+    import jax
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    cpu = _cpu()
+    tree = _restore(path, meta or param_metadata(path), lambda p, shape, dtype: jax.ShapeDtypeStruct(
+        shape, dtype, sharding=cpu) if p == name else ocp.PLACEHOLDER)
     for k in name:
         tree = tree[k]
     return np.asarray(tree)
@@ -353,22 +366,16 @@ def load_params(path: str | Path, shardings=None):
     """The whole parameter tree (nested dicts), optionally placed with ``shardings`` (same tree
     of ``jax.sharding.Sharding``); for small models and for sharded restore."""
     import jax
-    import orbax.checkpoint.experimental.v1 as ocp
 
-    meta = param_metadata(path)
-    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-    abstract: dict = {}
-    for p, (shape, dtype) in meta.items():
-        node = abstract
-        for k in p[:-1]:
-            node = node.setdefault(k, {})
-        s = cpu
-        if shardings is not None:
-            s = shardings
-            for k in p:
-                s = s[k]
-        node[p[-1]] = jax.ShapeDtypeStruct(shape, dtype, sharding=s)
-    return ocp.load(Path(path) / PARAMS_DIR, abstract)
+    cpu = _cpu()
+
+    def leaf(p, shape, dtype):
+        s = shardings
+        for k in p if s is not None else ():
+            s = s[k]
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=cpu if s is None else s)
+
+    return _restore(path, param_metadata(path), leaf)
 
 
 def export_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "keep", max_shard_gb: float = 5.0,
