@@ -20,7 +20,7 @@ from helpers import random_mel  # noqa: E402
 from mufun_jax.config import preset  # noqa: E402
 from mufun_jax.convert import load_params as load_into  # noqa: E402
 from mufun_jax.models import MuFun  # noqa: E402
-from mufun_jax.weights import load_config, load_params, param_metadata  # noqa: E402
+from mufun_jax.weights import PARAMS_DIR, iter_layers, load_config, load_params, param_metadata  # noqa: E402
 from torch_reference import TorchMuFun, hf_whisper_config  # noqa: E402
 
 CFG = preset("mufun-tiny")
@@ -226,3 +226,25 @@ def test_existing_destination_needs_overwrite(ref, tmp_path, capsys):
     assert cli("import", tmp_path / "src", tmp_path / "conv", "--overwrite") == 0
     assert load_config(tmp_path / "conv") == CFG
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_layer_slices_read_per_layer_and_fallback(ref, tmp_path):
+    """Export reads stacked params one layer at a time from the per-leaf zarr3 arrays; a checkpoint
+    saved with Orbax defaults (OCDBT) still reads, through the whole-array fallback."""
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    write_combined(ref, tmp_path / "src")
+    assert cli("import", tmp_path / "src", tmp_path / "conv") == 0
+    name = ("language_model", "layers", "mlp", "up_proj", "kernel")
+    assert (tmp_path / "conv" / PARAMS_DIR / "state" / ".".join(name) / "zarr.json").exists()
+    meta = param_metadata(tmp_path / "conv")
+    whole = load_params(tmp_path / "conv")["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    layers = list(iter_layers(tmp_path / "conv", name, meta))
+    assert len(layers) == CFG.qwen3.num_hidden_layers
+    np.testing.assert_array_equal(np.stack(layers), whole)
+
+    other = tmp_path / "ocdbt"
+    other.mkdir()
+    ocp.save(other / PARAMS_DIR, {"language_model": {"layers": {"mlp": {"up_proj": {"kernel": np.asarray(whole)}}}}})
+    assert not (other / PARAMS_DIR / "state" / ".".join(name) / "zarr.json").exists()
+    np.testing.assert_array_equal(np.stack(list(iter_layers(other, name, param_metadata(other)))), whole)
