@@ -201,6 +201,7 @@ def write_safetensors_shards(folder: Path, shards: list[list], tensors: Iterator
     """Write planned shards, consuming ``tensors`` (in plan order) one at a time, plus
     ``model.safetensors.index.json`` when there is more than one shard. Returns the weight map."""
     n = len(shards)
+    n_tensors = sum(len(s) for s in shards)
     weight_map = {}
     total = 0
     for si, shard in enumerate(shards):
@@ -224,6 +225,7 @@ def write_safetensors_shards(folder: Path, shards: list[list], tensors: Iterator
                 f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
                 weight_map[key] = name
                 if progress is not None:
+                    progress.set_postfix_str(f"{len(weight_map)}/{n_tensors} tensors", refresh=False)
                     progress.update(a.nbytes)
             f.flush()
             os.fsync(f.fileno())

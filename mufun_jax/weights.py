@@ -202,6 +202,7 @@ def _orbax_context():
     ctx.array.saving.use_ocdbt = False
     ctx.array.saving.use_compression = False
     ctx.array.saving.storage_options.chunk_byte_size = 16 << 20
+    ctx.array.saving.storage_options.shard_axes = (0,)  # chunks split by layer first: export reads one layer
     ctx.memory.deepcopy_host_arrays = False
     return ctx
 
@@ -217,14 +218,18 @@ def write_params(dst_params: Path, cfg: MuFunConfig, shapes: dict, produce: Call
     """Stream every parameter through ``produce(component, rule, flax_shape)`` into Orbax."""
     import orbax.checkpoint.experimental.v1 as ocp
 
+    table = [(comp, rule) for comp in COMPONENTS for rule in rules(cfg, comp)]
+    n_tensors = sum(len(rule.torch_keys()) for _, rule in table)
+    done = 0
     with _orbax_context(), _progress(total_bytes, "import", progress) as bar:
-        for comp in COMPONENTS:
-            for rule in rules(cfg, comp):
-                path = (FLAX_ROOT[comp],) + rule.path
-                a = produce(comp, rule, shapes[path])
-                ocp.partial.save(dst_params, _nest(path, a))
-                bar.update(a.nbytes)
-                del a
+        for comp, rule in table:
+            path = (FLAX_ROOT[comp],) + rule.path
+            a = produce(comp, rule, shapes[path])
+            ocp.partial.save(dst_params, _nest(path, a))
+            done += len(rule.torch_keys())
+            bar.set_postfix_str(f"{done}/{n_tensors} tensors", refresh=False)
+            bar.update(a.nbytes)
+            del a
         ocp.partial.finalize(dst_params)
 
 
@@ -351,11 +356,25 @@ def _cpu():
     return jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
 
 
+def _zarr_leaf(path: str | Path, name: FlaxPath):
+    """The TensorStore array of one parameter when the checkpoint keeps each leaf as its own zarr3
+    array (what the converter writes); None for other layouts (e.g. OCDBT)."""
+    import tensorstore as ts
+
+    leaf = Path(path) / PARAMS_DIR / "state" / ".".join(name)
+    if not (leaf / "zarr.json").exists():
+        return None
+    return ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(leaf)}}, open=True).result()
+
+
 def read_param(path: str | Path, name: FlaxPath, meta=None) -> np.ndarray:
     """One parameter as a host numpy array (the rest of the checkpoint is not read)."""
     import jax
     import orbax.checkpoint.experimental.v1 as ocp
 
+    arr = _zarr_leaf(path, name)
+    if arr is not None:
+        return np.asarray(arr.read().result())
     cpu = _cpu()
     tree = _restore(path, meta or param_metadata(path), lambda p, shape, dtype: jax.ShapeDtypeStruct(
         shape, dtype, sharding=cpu) if p == name else ocp.PLACEHOLDER)
@@ -365,21 +384,14 @@ def read_param(path: str | Path, name: FlaxPath, meta=None) -> np.ndarray:
 
 
 def iter_layers(path: str | Path, name: FlaxPath, meta) -> Iterator[np.ndarray]:
-    """The slices ``a[0], a[1], ...`` of a stacked parameter, read one at a time.
-
-    Converted directories store each leaf as its own zarr3 array (no OCDBT), so TensorStore can
-    read one layer without the rest; a checkpoint in another layout falls back to reading the
-    whole parameter through Orbax.
-    """
-    import tensorstore as ts
-
-    leaf = Path(path) / PARAMS_DIR / "state" / ".".join(name)
-    if (leaf / "zarr.json").exists():
-        arr = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": str(leaf)}}, open=True).result()
-        for i in range(arr.shape[0]):
-            yield np.asarray(arr[i].read().result())
-    else:
+    """The slices ``a[0], a[1], ...`` of a stacked parameter, read one at a time (chunks are split
+    by layer first, so this reads each byte once); other layouts fall back to the whole array."""
+    arr = _zarr_leaf(path, name)
+    if arr is None:
         yield from read_param(path, name, meta)
+        return
+    for i in range(arr.shape[0]):
+        yield np.asarray(arr[i].read().result())
 
 
 def load_params(path: str | Path, shardings=None):
