@@ -207,6 +207,17 @@ def _orbax_context():
     return ctx
 
 
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them in per-thread arenas, which after a
+    few 100 MB tensors read on TensorStore's threads added ~1.5 GB to the converter's peak RSS)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -225,11 +236,13 @@ def write_params(dst_params: Path, cfg: MuFunConfig, shapes: dict, produce: Call
         for comp, rule in table:
             path = (FLAX_ROOT[comp],) + rule.path
             a = produce(comp, rule, shapes[path])
+            nbytes = a.nbytes
             ocp.partial.save(dst_params, _nest(path, a))
+            del a
+            _release_freed_memory()
             done += len(rule.torch_keys())
             bar.set_postfix_str(f"{done}/{n_tensors} tensors", refresh=False)
-            bar.update(a.nbytes)
-            del a
+            bar.update(nbytes)
         ocp.partial.finalize(dst_params)
 
 
