@@ -280,17 +280,17 @@ def import_checkpoint(dst: str | Path, src: str | Path | None = None, *, whisper
             if got != want:
                 raise CheckpointError(f"{source.where(stored)}: tensor {stored!r} has shape {got}, but the config "
                                       f"needs {want}")
-            t = rule.to_flax(source.read(stored))
+            t = source.read(stored)
             if target is not None:
-                t = t.astype(target)
+                t = t.astype(target, copy=False)
             if rule.layers is None:
-                return t
-            if out is None:
-                out = np.empty((rule.layers,) + t.shape, t.dtype)
+                return rule.to_flax(t)
+            if out is None:  # the stacked array; each layer is converted straight into its slice
+                out = np.empty((rule.layers,) + tuple(flax_shape[1:]), t.dtype)
             if t.dtype != out.dtype:
                 raise CheckpointError(f"{source.where(stored)}: tensor {stored!r} is {t.dtype} but layer 0 was "
                                       f"{out.dtype}; use --dtype to convert")
-            out[i] = t
+            rule.to_flax(t, out[i])
         return out
 
     shapes = _expected_shapes(cfg)
