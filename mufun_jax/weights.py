@@ -273,14 +273,15 @@ def import_checkpoint(dst: str | Path, src: str | Path | None = None, *, whisper
             return a if target is None else a.astype(target)
         source = sources[comp]
         want = _torch_shape(rule, flax_shape)
-        out = None
-        for i, key in enumerate(rule.torch_keys()):
-            stored = source.key_map[key]
+        stored_keys = [source.key_map[k] for k in rule.torch_keys()]
+        for stored in stored_keys:
             got = tuple(source.shape(stored))
             if got != want:
                 raise CheckpointError(f"{source.where(stored)}: tensor {stored!r} has shape {got}, but the config "
                                       f"needs {want}")
-            t = source.read(stored)
+        out = None
+        # Read layer i+1 on a thread while layer i is converted: file reads and numpy copies release the GIL.
+        for i, (stored, t) in enumerate(zip(stored_keys, _prefetch(source.read, stored_keys))):
             if target is not None:
                 t = t.astype(target, copy=False)
             if rule.layers is None:
@@ -304,6 +305,19 @@ def import_checkpoint(dst: str | Path, src: str | Path | None = None, *, whisper
                 shutil.copy2(tokenizer_dir / name, tmp / name)
     log.info("imported %s checkpoint into %s", layout, dst)
     return cfg
+
+
+def _prefetch(read: Callable[[str], np.ndarray], keys: list[str]) -> Iterator[np.ndarray]:
+    """``read(k)`` for each key in order, one read ahead on a background thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, keys[0]) if keys else None
+        for i in range(len(keys)):
+            current = pending.result()
+            pending = pool.submit(read, keys[i + 1]) if i + 1 < len(keys) else None
+            yield current
+            del current
 
 
 def _init_connector(cfg: MuFunConfig, seed: int) -> dict[FlaxPath, np.ndarray]:
