@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from mufun_jax.config import preset  # noqa: E402
 from mufun_jax.convert import COMBINED_PREFIX, COMPONENTS, FLAX_ROOT, rules  # noqa: E402
-from mufun_jax.torch_files import plan_shards, write_safetensors_shards  # noqa: E402
+from mufun_jax.torch_files import write_safetensors_shards  # noqa: E402
 from mufun_jax.weights import _expected_shapes, _torch_shape  # noqa: E402
 
 
@@ -44,7 +44,11 @@ def write_synthetic(folder: Path, seed: int = 0) -> int:
             ts = _torch_shape(rule, shapes[(FLAX_ROOT[comp],) + rule.path])
             entries += [(COMBINED_PREFIX[comp] + k, ts, bf16) for k in rule.torch_keys()]
     total = sum(int(np.prod(s)) * 2 for _, s, _ in entries)
-    shards = plan_shards(entries, total // 4 + (1 << 20))
+    # Four shards of about equal size, as the release has: a tensor goes to the shard its start falls in.
+    shards, start = [[] for _ in range(4)], 0
+    for key, shape, dtype in entries:
+        shards[min(3, start * 4 // total)].append((key, shape, dtype))
+        start += int(np.prod(shape)) * 2
     rng = np.random.default_rng(seed)
 
     def tensors():
