@@ -1,0 +1,1 @@
+"""Training and evaluation data: chat templates, tokenisation with audio placeholders, labels."""
