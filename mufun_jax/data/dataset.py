@@ -1,0 +1,163 @@
+"""MuFun JSON / JSONL datasets -> tokenised samples with their audio chunks.
+
+A record is ``{"id", "audio": str | [str], "time": [s, e] | [[s, e] | null, ...] (optional),
+"conversations": [{"from": "human" | "gpt", "value": ...}, ...]}``. Audio paths are relative
+to ``audio_root`` unless absolute.
+
+A bad record never stops a run: it is skipped with a one-line warning that names its id and the
+reason, and counted per reason in :class:`SkipCounter`. The reasons are:
+- ``malformed_record``: not an object, no id, or no conversations;
+- ``bad_conversation``: does not start with human, or does not alternate;
+- ``audio_tag_mismatch``: the number of ``<audio>`` tags differs from the number of audios;
+- ``bad_time``: a segment list that does not fit the audios;
+- the :class:`~mufun_jax.audio.AudioError` reasons: ``missing_file``, ``unsupported_extension``,
+  ``undecodable``, ``empty_audio``, ``segment_out_of_range`` and ``bad_segment``;
+- ``label_mismatch``: the reference label algorithm would mask the whole sample.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+from mufun_jax import audio
+from mufun_jax.data.templates import AUDIO_TAG, Template, TemplateError, turns_from_conversations
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Sample:
+    id: str
+    input_ids: list[int]  # one -200 per audio
+    labels: list[int]
+    chunks: list[list[np.ndarray]]  # per audio, its 16 kHz 30 s chunks in time order
+
+    @property
+    def chunks_per_audio(self) -> list[int]:
+        return [len(c) for c in self.chunks]
+
+
+class SkipCounter(collections.Counter):
+    """Skipped samples by reason; ``skip`` logs the one-line warning."""
+
+    def skip(self, sample_id, reason: str, message: str) -> None:
+        self[reason] += 1
+        log.warning("skipping sample %s: %s: %s", sample_id, reason, message)
+
+    def report(self) -> str:
+        if not self:
+            return "no samples skipped"
+        return "\n".join(f"{reason:24s} {n}" for reason, n in sorted(self.items()))
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def read_records(path: str | Path, counter: SkipCounter | None = None) -> list:
+    """A JSON list, or JSONL (one record a line; an unparsable line is counted, not fatal)."""
+    path = Path(path)
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        data = json.loads(text)
+        return data
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if counter is not None:
+                counter.skip(f"{path.name}:{n}", "malformed_record", f"invalid JSON ({e.msg})")
+    return records
+
+
+def _segments(time, n_audios: int, sample_id) -> list:
+    """Normalise ``time`` to one segment (or None) per audio."""
+    if time is None:
+        return [None] * n_audios
+    is_pair = (isinstance(time, (list, tuple)) and len(time) == 2
+               and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in time))
+    if is_pair:  # a single [start, end]: the reference's case, [0, 30.0] included
+        if n_audios != 1:
+            raise _Skip("bad_time", f"one segment {list(time)} given for {n_audios} audios; give one per audio")
+        return [list(time)]
+    if isinstance(time, (list, tuple)) and len(time) == n_audios:
+        return [None if t is None else list(t) for t in time]
+    raise _Skip("bad_time", f"time={time!r} must be [start, end] or one [start, end] / null per audio")
+
+
+def prepare(record, *, template: Template, tokenizer, audio_root: str | Path | None = None) -> Sample:
+    """One record -> a :class:`Sample`; raises ``_Skip`` (with a reason) for bad input."""
+    if not isinstance(record, dict) or "conversations" not in record:
+        raise _Skip("malformed_record", "expected an object with 'conversations'")
+    sample_id = record.get("id")
+    try:
+        turns = turns_from_conversations(record["conversations"])
+    except TemplateError as e:
+        raise _Skip(e.reason, str(e)) from e
+    paths = record.get("audio") or []
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    if not all(isinstance(p, str) for p in paths):
+        raise _Skip("malformed_record", f"audio={record.get('audio')!r} must be a path or a list of paths")
+    n_tags = template.render(turns).count(AUDIO_TAG)
+    if n_tags != len(paths):
+        raise _Skip("audio_tag_mismatch", f"{n_tags} <audio> tags for {len(paths)} audios")
+    segments = _segments(record.get("time"), len(paths), sample_id)
+    try:
+        ids, labels = template.encode(turns, tokenizer)
+    except TemplateError as e:
+        raise _Skip(e.reason, str(e)) from e
+    chunks = []
+    for p, seg in zip(paths, segments):
+        full = Path(p) if audio_root is None or Path(p).is_absolute() else Path(audio_root) / p
+        try:
+            chunks.append(audio.chunk(audio.load_audio(full, seg)))
+        except audio.AudioError as e:
+            raise _Skip(e.reason, str(e)) from e
+    return Sample(str(sample_id), ids, labels, chunks)
+
+
+def iter_samples(records: Iterable, *, template: Template, tokenizer, audio_root=None,
+                 counter: SkipCounter | None = None) -> Iterator[Sample]:
+    """Good samples in order; bad ones are skipped, warned about and counted."""
+    counter = SkipCounter() if counter is None else counter
+    for i, record in enumerate(records):
+        sample_id = record.get("id", f"#{i}") if isinstance(record, dict) else f"#{i}"
+        try:
+            yield prepare(record, template=template, tokenizer=tokenizer, audio_root=audio_root)
+        except _Skip as e:
+            counter.skip(sample_id, e.reason, str(e))
+
+
+def validate(path: str | Path, *, template: Template, tokenizer, audio_root=None,
+             progress: bool = True) -> tuple[int, SkipCounter]:
+    """Scan a dataset: (number of good samples, skip counts by reason)."""
+    from tqdm.auto import tqdm
+
+    counter = SkipCounter()
+    records = read_records(path, counter)
+    good = 0
+    for _ in tqdm(iter_samples(records, template=template, tokenizer=tokenizer, audio_root=audio_root,
+                               counter=counter), total=len(records), desc="validate", disable=not progress):
+        good += 1
+    return good, counter
+
+
+def dataset_tokenizer(path: str | Path):
+    """``AutoTokenizer`` from a checkpoint or tokenizer directory (never remote code)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+
+
