@@ -128,6 +128,23 @@ def prepare(record, *, template: Template, tokenizer, audio_root: str | Path | N
     return Sample(str(sample_id), ids, labels, chunks)
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepare:
+    """Picklable ``record -> Sample | (id, reason, message)`` for loader worker processes; the skip
+    is returned rather than counted so that counts are kept in the main process."""
+
+    template: Template
+    tokenizer: object
+    audio_root: str | None = None
+
+    def __call__(self, record):
+        sample_id = record.get("id", "?") if isinstance(record, dict) else "?"
+        try:
+            return prepare(record, template=self.template, tokenizer=self.tokenizer, audio_root=self.audio_root)
+        except _Skip as e:
+            return (sample_id, e.reason, str(e))
+
+
 def iter_samples(records: Iterable, *, template: Template, tokenizer, audio_root=None,
                  counter: SkipCounter | None = None) -> Iterator[Sample]:
     """Good samples in order; bad ones are skipped, warned about and counted."""

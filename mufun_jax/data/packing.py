@@ -125,24 +125,60 @@ class _Batch:
         return out
 
 
+class Packer:
+    """Stateful first-fit packing over a sample source: rows fill in arrival order and a batch is
+    emitted when the next sample fits nowhere in it; that sample opens the next batch.
+
+    ``resume_state`` is the source state from which reading again reproduces the batches that
+    follow the last one emitted (the state just before the held-over sample), which makes a
+    checkpointed loader resume at the exact sample.
+    """
+
+    def __init__(self, cfg: PackConfig, counter: SkipCounter | None = None):
+        self.cfg = cfg
+        self.counter = SkipCounter() if counter is None else counter
+        self.pending: Sample | None = None
+        self.resume_state = None
+
+    def _admit(self, s: Sample) -> Sample | None:
+        fitted = _fit(s, self.cfg)
+        if fitted is None:
+            self.counter.skip(s.id, "too_long", f"{expanded_length(s, self.cfg.tokens_per_chunk)} tokens / "
+                                                f"{sum(s.chunks_per_audio)} chunks do not fit "
+                                                f"seq_len={self.cfg.seq_len}, max_chunks={self.cfg.max_chunks}")
+        return fitted
+
+    def next_batch(self, source: Iterator, get_state=None) -> dict[str, np.ndarray] | None:
+        """The next batch from ``source`` (samples, or ``(id, reason, message)`` skips), or None at the end."""
+        batch = _Batch(self.cfg)
+        if self.pending is not None:
+            batch.try_add(self.pending)
+            self.pending = None
+        while True:
+            before = get_state() if get_state else None
+            try:
+                item = next(source)
+            except StopIteration:
+                self.resume_state = get_state() if get_state else None
+                return None if batch.empty else batch.arrays()
+            if not isinstance(item, Sample):
+                self.counter.skip(*item)
+                continue
+            fitted = self._admit(item)
+            if fitted is None:
+                continue
+            if not batch.try_add(fitted):
+                self.pending = fitted
+                self.resume_state = before
+                return batch.arrays()
+
+
 def pack_batches(samples: Iterable[Sample], cfg: PackConfig, counter: SkipCounter | None = None
                  ) -> Iterator[dict[str, np.ndarray]]:
-    """Fill rows first-fit in arrival order; emit a batch when the next sample fits nowhere in it."""
-    counter = SkipCounter() if counter is None else counter
-    batch = _Batch(cfg)
-    for s in samples:
-        fitted = _fit(s, cfg)
-        if fitted is None:
-            counter.skip(s.id, "too_long", f"{expanded_length(s, cfg.tokens_per_chunk)} tokens / "
-                                           f"{sum(s.chunks_per_audio)} chunks do not fit seq_len={cfg.seq_len}, "
-                                           f"max_chunks={cfg.max_chunks}")
-            continue
-        if not batch.try_add(fitted):
-            yield batch.arrays()
-            batch = _Batch(cfg)
-            batch.try_add(fitted)
-    if not batch.empty:
-        yield batch.arrays()
+    """All batches of an in-memory sample stream (see :class:`Packer`)."""
+    packer, source = Packer(cfg, counter), iter(samples)
+    while (batch := packer.next_batch(source)) is not None:
+        yield batch
 
 
 def shift_labels(labels: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
