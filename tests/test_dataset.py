@@ -107,3 +107,10 @@ def test_validate_cli_reports_counts(dataset, qwen_tok):  # noqa: F811
     assert f"skipped: {sum(bad.values())}" in r.stdout
     for reason, n in bad.items():
         assert any(line.split() == [reason, str(n)] for line in r.stdout.splitlines()), (reason, r.stdout)
+
+
+def test_broken_json_list_names_the_file_and_position(tmp_path):
+    p = tmp_path / "data.json"
+    p.write_text('[{"id": "a"},\n {"id": ]')
+    with pytest.raises(ValueError, match=r"data\.json.*line 2"):
+        read_records(p)

@@ -68,8 +68,11 @@ def read_records(path: str | Path, counter: SkipCounter | None = None) -> list:
     path = Path(path)
     text = path.read_text()
     if text.lstrip().startswith("["):
-        data = json.loads(text)
-        return data
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a valid JSON list ({e.msg} at line {e.lineno}, column {e.colno}); "
+                             "fix the file, or use JSONL so that one bad line is skipped instead") from e
     records = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
