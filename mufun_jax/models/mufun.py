@@ -8,7 +8,6 @@ On the device the splice is then one gather and one select.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
