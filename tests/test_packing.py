@@ -102,3 +102,18 @@ def test_shift_labels_never_cross_samples():
     labels = np.array([[1, 2, 3, 4, 5, 6, IGNORE_INDEX]])
     seg = np.array([[1, 1, 1, 2, 2, 2, 0]])
     assert shift_labels(labels, seg).tolist() == [[2, 3, IGNORE_INDEX, 5, 6, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_an_endless_source_of_unusable_samples_is_an_error_not_a_hang():
+    import itertools
+
+    from mufun_jax.data.packing import Packer
+
+    big = Sample("big", [1] * 50, [1] * 50, [])
+    packer = Packer(PackConfig(batch_size=1, seq_len=16, max_chunks=1), max_consecutive_skips=10)
+    with pytest.raises(ValueError, match=r"(?s)11 samples in a row were skipped.*too_long.*raise seq_len \(now 16\)"):
+        packer.next_batch(itertools.repeat(big))
+    ok = Sample("ok", [1] * 4, [1] * 4, [])
+    packer = Packer(PackConfig(batch_size=1, seq_len=16, max_chunks=1), max_consecutive_skips=10)
+    source = iter(([big] * 9 + [ok]) * 5)  # 9 unusable, then a good one, repeatedly: no error
+    assert sum(len(b["sample_ids"]) for b in iter(lambda: packer.next_batch(source), None)) == 5

@@ -58,7 +58,8 @@ class Loader:
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
         self._ds = ds
         self._it = iter(ds)
-        self._packer = Packer(cfg.pack, self.counter)
+        self._max_skips = -(-len(records) // cfg.process_count)  # one whole pass of this host's shard
+        self._packer = Packer(cfg.pack, self.counter, self._max_skips)
 
     def __iter__(self):
         return self
@@ -77,7 +78,7 @@ class Loader:
     def set_state(self, state: dict) -> None:
         self._it = iter(self._ds)
         self._it.set_state(state["grain"])
-        self._packer = Packer(self.cfg.pack, self.counter)
+        self._packer = Packer(self.cfg.pack, self.counter, self._max_skips)
         self.counter.clear()
         self.counter.update(state.get("skipped", {}))
 

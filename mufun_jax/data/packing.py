@@ -134,11 +134,22 @@ class Packer:
     checkpointed loader resume at the exact sample.
     """
 
-    def __init__(self, cfg: PackConfig, counter: SkipCounter | None = None):
+    def __init__(self, cfg: PackConfig, counter: SkipCounter | None = None, max_consecutive_skips: int | None = None):
         self.cfg = cfg
         self.counter = SkipCounter() if counter is None else counter
         self.pending: Sample | None = None
         self.resume_state = None
+        # A source that repeats forever and whose samples are all skipped would loop forever.
+        self.max_consecutive_skips = max_consecutive_skips
+        self._skips_in_a_row = 0
+
+    def _skipped(self) -> None:
+        self._skips_in_a_row += 1
+        if self.max_consecutive_skips is not None and self._skips_in_a_row > self.max_consecutive_skips:
+            raise ValueError(f"{self._skips_in_a_row} samples in a row were skipped, i.e. no sample in a whole pass "
+                             f"over the data is usable. Skipped so far by reason:\n{self.counter.report()}\n"
+                             f"If the reason is too_long, raise seq_len (now {self.cfg.seq_len}) or max_chunks "
+                             f"(now {self.cfg.max_chunks}).")
 
     def _admit(self, s: Sample) -> Sample | None:
         fitted = _fit(s, self.cfg)
@@ -163,10 +174,13 @@ class Packer:
                 return None if batch.empty else batch.arrays()
             if not isinstance(item, Sample):
                 self.counter.skip(*item)
+                self._skipped()
                 continue
             fitted = self._admit(item)
             if fitted is None:
+                self._skipped()
                 continue
+            self._skips_in_a_row = 0
             if not batch.try_add(fitted):
                 self.pending = fitted
                 self.resume_state = before

@@ -1,0 +1,196 @@
+"""Scaled dot-product attention with swappable backends, chosen by a config string.
+
+``dot_product_attention(q, k, v, *, segment_ids=None, causal, implementation="xla", interpret=False)``
+
+Shapes: q ``(batch, q_len, num_heads, head_dim)``, k/v ``(batch, kv_len, num_kv_heads, head_dim)``
+with ``num_heads % num_kv_heads == 0`` (grouped-query attention); the output has q's shape and
+dtype. The scale is ``head_dim ** -0.5`` and the softmax runs in fp32 in every backend.
+
+Masking (the semantics of ``qwen3.attention_mask`` in training mode):
+- ``causal``: query i sees keys j <= i by array index (needs ``q_len == kv_len``);
+- ``segment_ids`` ``(batch, seq)`` int (self-attention only): a query sees only keys of its own
+  segment; 0 marks padding. Whisper's encoder passes ``causal=False`` and no segment ids.
+
+Padding query rows (segment 0) are don't-care but always finite. Their exact values differ
+between backends: ``xla`` masks every segment-0 key (``-1e30`` logits, so the row becomes a
+uniform average over all keys), while ``pallas_tpu`` and ``cudnn`` let a segment-0 query attend
+to the (causally visible) segment-0 keys, which always include itself, so no row is fully masked.
+Rows with a non-zero segment agree across backends.
+
+Backends:
+- ``"xla"``: plain einsum + masked fp32 softmax (the CPU default and the reference).
+- ``"pallas_tpu"`` (alias ``"splash"``): the TPU Pallas splash-attention kernel
+  (``jax.experimental.pallas.ops.tpu.splash_attention``), heads-first ``(heads, seq, head_dim)``
+  per sample, vmapped over batch, GQA natively via ``make_splash_mha`` with fewer kv heads,
+  ``CausalMask``/``FullMask`` as the static mask and ``SegmentIds`` for packing. It has a custom
+  VJP (Pallas backward kernels). ``interpret=True`` runs the same kernel in Pallas interpret mode
+  on CPU (for tests). Rules:
+    * splash has no scale argument: q is pre-multiplied by ``head_dim ** -0.5`` (in q's dtype);
+    * every block must be a multiple of 128 (TPU lanes) and divide the sequence, so each
+      sequence is right-padded to a multiple of 128 and the block is the largest of
+      512/256/128 that divides the padded length (1500 -> 1536, blocks of 512;
+      300 -> 384, blocks of 128);
+    * padded positions get segment id 0. With no user segment ids, real positions get
+      segment 1, so real queries never see padded keys; the padded query rows are sliced off.
+      With user segment ids, padding simply extends segment 0.
+- ``"cudnn"``: ``jax.nn.dot_product_attention(..., implementation="cudnn")`` (GPU only, fp16/bf16
+  only). Causality goes through ``is_causal``; segments go through a boolean
+  ``(batch, 1, q_len, kv_len)`` same-segment mask, which cuDNN turns into a materialised bias
+  (O(T^2) memory per sample; fine at MuFun's lengths, but packed varlen offsets would avoid it).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+_MASKED = -1e30  # as in qwen3.py: finite, so fully masked rows are uniform instead of NaN
+_LANES = 128  # splash blocks must be multiples of the TPU lane width
+_SPLASH_BLOCKS = (512, 256, 128)  # preferred splash block sizes, largest first
+
+IMPLEMENTATIONS = ("xla", "pallas_tpu", "splash", "cudnn")
+
+
+def dot_product_attention(q, k, v, *, segment_ids=None, causal: bool, implementation: str = "xla",
+                          interpret: bool = False):
+    """Attention over (batch, len, heads, head_dim) arrays; see the module docstring."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"unknown attention implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
+    _check_shapes(q, k, v, segment_ids, causal)
+    if implementation == "xla":
+        return _xla_attention(q, k, v, segment_ids, causal)
+    if implementation in ("pallas_tpu", "splash"):
+        return _splash_attention(q, k, v, segment_ids, causal, interpret)
+    return _cudnn_attention(q, k, v, segment_ids, causal)
+
+
+def _check_shapes(q, k, v, segment_ids, causal):
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q (b, t, heads, d) and k = v (b, s, kv_heads, d); got q {q.shape}, "
+                         f"k {k.shape}, v {v.shape}")
+    b, t, n, d = q.shape
+    if k.shape[0] != b or k.shape[3] != d or n % k.shape[2]:
+        raise ValueError(f"q {q.shape} and k {k.shape} disagree on batch/head_dim, or heads is not a "
+                         f"multiple of kv_heads")
+    if (causal or segment_ids is not None) and k.shape[1] != t:
+        raise ValueError(f"causal / segment_ids attention is self-attention: q_len {t} != kv_len {k.shape[1]}")
+    if segment_ids is not None and segment_ids.shape != (b, t):
+        raise ValueError(f"segment_ids must be (batch, seq) = {(b, t)}; got {segment_ids.shape}")
+
+
+def attention_mask(q_len: int, kv_len: int, segment_ids=None, causal: bool = True, mask_padding_keys: bool = True):
+    """Boolean mask broadcastable to (batch, q_len, kv_len), or None when nothing is masked.
+
+    ``mask_padding_keys`` also drops keys of segment 0 (the xla semantics); without it a
+    padding query attends to padding keys (the kernel-backend semantics).
+    """
+    mask = jnp.tril(jnp.ones((q_len, kv_len), bool))[None] if causal else None
+    if segment_ids is not None:
+        seg = segment_ids[:, :, None] == segment_ids[:, None, :]
+        if mask_padding_keys:
+            seg = seg & (segment_ids[:, None, :] != 0)
+        mask = seg if mask is None else mask & seg
+    return mask
+
+
+def _xla_attention(q, k, v, segment_ids, causal):
+    b, t, n, d = q.shape
+    s, kvh = k.shape[1], k.shape[2]
+    qg = q.reshape(b, t, kvh, n // kvh, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * d**-0.5
+    mask = attention_mask(t, s, segment_ids, causal)
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- splash (TPU)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def splash_block(length: int) -> tuple[int, int]:
+    """(padded length, block size) for one sequence axis of the splash kernel."""
+    padded = _round_up(length, _LANES)
+    return padded, next(b for b in _SPLASH_BLOCKS if padded % b == 0)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(num_heads: int, q_len: int, kv_len: int, block_q: int, block_kv: int, causal: bool,
+                   interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    head_mask = sm.CausalMask((q_len, kv_len)) if causal else sm.FullMask((q_len, kv_len))
+    blocks = sk.BlockSizes(
+        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+        block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
+        block_q_dq=block_q, block_kv_dq=block_kv,
+    )
+    # The kernel object holds its block-sparsity tables as jax arrays; build them as concrete
+    # constants even when first called under jit, so the cached kernel can serve later traces.
+    with jax.ensure_compile_time_eval():
+        return sk.make_splash_mha(sm.MultiHeadMask([head_mask] * num_heads), block_sizes=blocks, head_shards=1,
+                                  q_seq_shards=1, interpret=interpret)
+
+
+def _splash_attention(q, k, v, segment_ids, causal, interpret):
+    from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
+
+    if not interpret and jax.default_backend() != "tpu":
+        raise ValueError(f"attention implementation 'pallas_tpu' needs a TPU (default backend is "
+                         f"{jax.default_backend()!r}); pass interpret=True to run the kernel in Pallas "
+                         f"interpret mode, or use implementation='xla'")
+    b, t, n, d = q.shape
+    s = k.shape[1]
+    t_pad, block_q = splash_block(t)
+    s_pad, block_kv = splash_block(s)
+
+    # splash has no softmax-scale argument: pre-scale q. Heads-first layout per sample.
+    qh = jnp.swapaxes(q * jnp.asarray(d**-0.5, q.dtype), 1, 2)  # (b, n, t, d)
+    kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # (b, kv_heads, s, d)
+    pad = lambda x, to: jnp.pad(x, ((0, 0), (0, 0), (0, to - x.shape[2]), (0, 0)))
+    qh, kh, vh = pad(qh, t_pad), pad(kh, s_pad), pad(vh, s_pad)
+
+    if segment_ids is not None:
+        seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, t_pad - t)))
+        q_seg = kv_seg = seg
+    elif t_pad != t or s_pad != s:
+        q_seg = jnp.broadcast_to((jnp.arange(t_pad) < t).astype(jnp.int32), (b, t_pad))
+        kv_seg = jnp.broadcast_to((jnp.arange(s_pad) < s).astype(jnp.int32), (b, s_pad))
+    else:
+        q_seg = kv_seg = None
+
+    kernel = _splash_kernel(n, t_pad, s_pad, block_q, block_kv, causal, interpret)
+    if q_seg is None:
+        out = jax.vmap(lambda q1, k1, v1: kernel(q1, k1, v1))(qh, kh, vh)
+    else:
+        out = jax.vmap(lambda q1, k1, v1, sq, skv: kernel(q1, k1, v1, SegmentIds(sq, skv)))(
+            qh, kh, vh, q_seg, kv_seg)
+    return jnp.swapaxes(out[:, :, :t], 1, 2).astype(q.dtype)
+
+
+# ----------------------------------------------------------------------------- cuDNN (GPU)
+
+
+def cudnn_arguments(q, k, v, segment_ids, causal) -> dict:
+    """Keyword arguments for ``jax.nn.dot_product_attention`` (everything but ``implementation``)."""
+    mask = attention_mask(q.shape[1], k.shape[1], segment_ids, causal=False, mask_padding_keys=False)
+    return dict(query=q, key=k, value=v, mask=None if mask is None else mask[:, None],
+                scale=1.0 / math.sqrt(q.shape[-1]), is_causal=causal)
+
+
+def _cudnn_attention(q, k, v, segment_ids, causal):
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"attention implementation 'cudnn' needs an NVIDIA GPU (default backend is "
+                         f"{jax.default_backend()!r}); use implementation='xla'")
+    if q.dtype not in (jnp.float16, jnp.bfloat16):
+        raise ValueError(f"attention implementation 'cudnn' supports float16/bfloat16 only; got {q.dtype}")
+    out = jax.nn.dot_product_attention(**cudnn_arguments(q, k, v, segment_ids, causal), implementation="cudnn")
+    return out.astype(q.dtype)

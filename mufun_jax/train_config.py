@@ -1,0 +1,175 @@
+"""The training configuration: one YAML file plus ``key=value`` overrides with dotted keys.
+
+Every field has a default that is sensible for the tiny CPU demo; the 8B recipes in
+``configs/`` override what the reference scripts set. Unknown keys are errors (a typo in a
+recipe should never be silently ignored).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from mufun_jax.config import MuFunConfig, preset
+
+MODULES = ("whisper", "connector", "llm")
+TRAIN_MODES = ("full", "frozen")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dataset: str | None = None  # JSON / JSONL in MuFun's training schema
+    eval_dataset: str | None = None  # optional; evaluation is skipped without it
+    audio_root: str | None = None  # audio paths are relative to this (default: the dataset's folder)
+    tokenizer: str | None = None  # tokenizer directory (default: init_from)
+    template: str = "qwen2_instruct"  # qwen2_instruct | qwen2_base | pretrain
+    batch_size: int = 8  # global rows per micro-batch (all hosts together)
+    seq_len: int = 1024  # tokens per row, audio slots included
+    max_chunks: int = 8  # 30 s audio chunks per micro-batch (global)
+    pack: bool = True  # several samples per row (segment-masked attention)
+    too_long: str = "skip"  # skip | truncate_audio
+    shuffle: bool = True
+    seed: int = 0
+    num_epochs: int | None = None  # None: repeat until max_steps
+    worker_count: int = 0  # Grain worker processes for decoding and tokenising
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    schedule: str = "cosine"  # cosine | constant (both after a linear warmup)
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    grad_accum: int = 1  # micro-batches per optimizer step (a scan inside the step)
+
+    def warmup_steps(self, max_steps: int) -> int:
+        return math.ceil(self.warmup_ratio * max_steps)
+
+
+@dataclasses.dataclass
+class MeshConfig:
+    data: int = 1
+    fsdp: int = -1  # -1: all remaining devices
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    output_dir: str = "runs/demo"
+    model: dict = dataclasses.field(default_factory=dict)  # {preset: NAME, ...} and/or overrides of init_from's
+    init_from: str | None = None  # a converted checkpoint directory (convert_weights.py / a previous stage)
+    trainable: dict = dataclasses.field(default_factory=lambda: {m: "full" for m in MODULES})
+    max_steps: int = 100
+    seed: int = 0
+    save_every: int = 1000
+    keep: int = 3  # checkpoints kept
+    async_checkpointing: bool = True
+    log_every: int = 1
+    eval_every: int = 0  # 0: evaluate only at the end (if an eval set is given)
+    eval_batches: int | None = None  # cap per evaluation (None: the whole eval set)
+    loss_chunk: int = 0  # tokens per chunk of the vocabulary projection in the loss (0: all at once)
+    distributed: bool | None = None  # jax.distributed.initialize(); None: when the launch environment says so
+    progress: bool = True
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        bad = {k: v for k, v in self.trainable.items() if k not in MODULES or v not in TRAIN_MODES}
+        if bad:
+            raise ValueError(f"trainable={self.trainable}: modules are {MODULES} and modes {TRAIN_MODES}; bad: {bad}")
+        self.trainable = {m: self.trainable.get(m, "full") for m in MODULES}
+        if all(v == "frozen" for v in self.trainable.values()):
+            raise ValueError("trainable: every module is frozen, so there is nothing to train")
+        for name, v in [("max_steps", self.max_steps), ("save_every", self.save_every), ("keep", self.keep),
+                        ("log_every", self.log_every), ("optim.grad_accum", self.optim.grad_accum),
+                        ("data.batch_size", self.data.batch_size), ("data.seq_len", self.data.seq_len),
+                        ("data.max_chunks", self.data.max_chunks)]:
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}={v!r} must be a positive integer")
+        if self.optim.schedule not in ("cosine", "constant"):
+            raise ValueError(f"optim.schedule={self.optim.schedule!r} must be 'cosine' or 'constant'")
+
+    # -- building ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        d = dict(d)
+        sub = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig}
+        kw = {}
+        for f in dataclasses.fields(cls):
+            if f.name in d:
+                v = d.pop(f.name)
+                kw[f.name] = _build(sub[f.name], v or {}, f.name) if f.name in sub else _coerce(v, f.type, f.name)
+        if d:
+            raise ValueError(f"unknown training config keys {sorted(d)}; known: {[f.name for f in dataclasses.fields(cls)]}")
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, path: str | Path | None, overrides: list[str] = ()) -> "TrainConfig":
+        """A YAML file (or nothing) with ``a.b=value`` overrides applied; values parse as YAML."""
+        d: dict = {}
+        if path is not None:
+            with open(path) as f:
+                d = yaml.safe_load(f) or {}
+            if not isinstance(d, dict):
+                raise ValueError(f"{path}: expected a mapping at the top level")
+        for o in overrides:
+            key, sep, value = o.partition("=")
+            if not sep or not key:
+                raise ValueError(f"override {o!r} must look like key=value (e.g. optim.lr=1e-4)")
+            node = d
+            parts = key.split(".")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"override {o!r}: {p!r} is not a section")
+            node[parts[-1]] = yaml.safe_load(value)
+        return cls.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def model_config(self, base: MuFunConfig | None = None) -> MuFunConfig:
+        """The model: ``base`` (init_from's config) or ``model.preset``, with ``model`` overrides."""
+        d = dict(self.model)
+        name = d.pop("preset", None)
+        if base is None:
+            if name is None:
+                raise ValueError("no model: set model.preset (e.g. mufun-tiny) or init_from (a converted checkpoint)")
+            base = preset(name)
+        elif name is not None:
+            raise ValueError("give model.preset or init_from, not both (init_from carries its own config)")
+        merged = base.to_dict()
+        for k in ("whisper", "qwen3"):
+            merged[k] = {**merged[k], **(d.pop(k, None) or {})}
+        merged.update(d)
+        return MuFunConfig.from_dict(merged)
+
+
+def _build(cls, d: Mapping[str, Any], where: str):
+    if not isinstance(d, Mapping):
+        raise ValueError(f"{where}: expected a mapping, got {d!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown keys in {where}: {unknown}; known: {sorted(fields)}")
+    return cls(**{k: _coerce(v, fields[k].type, f"{where}.{k}") for k, v in d.items()})
+
+
+def _coerce(v, annotation: str, where: str):
+    """YAML reads ``2e-5`` (no dot) as a string; numbers are converted by the field's type."""
+    if annotation == "float" and isinstance(v, (str, int)) and not isinstance(v, bool):
+        try:
+            return float(v)
+        except ValueError:
+            raise ValueError(f"{where}={v!r} must be a number") from None
+    return v

@@ -1,0 +1,575 @@
+"""MuFun training: sharded state, the jitted step, checkpoints with exact resume, and the loop.
+
+The whole loop is :func:`train`. It reads batches from the Grain loader and feeds them to a
+``jax.jit`` step, which has explicit in/out shardings and scans over micro-batches. Each
+``save_every`` steps it saves the state to Orbax together with the loader's position. When it
+starts again in the same ``output_dir``, it resumes from the newest committed checkpoint and
+produces the same losses as an uninterrupted run.
+
+The parameters are a plain nested dict, the same tree that ``nnx.to_pure_dict`` gives and that
+the converter writes. The train state keeps them in two parts: ``params``, which train and have
+optimizer state, and ``frozen``, which are only read. Gradients are taken with respect to
+``params`` alone, so XLA never computes weight gradients for the frozen modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mufun_jax import audio
+from mufun_jax.config import IGNORE_INDEX, MuFunConfig
+from mufun_jax.models import MuFun
+from mufun_jax.models.layers import FrozenParam
+from mufun_jax.sharding import logical_to_spec, make_mesh
+from mufun_jax.train_config import MODULES, TrainConfig
+
+log = logging.getLogger(__name__)
+
+MODULE_ROOT = {"whisper": "encoder", "connector": "connector", "llm": "language_model"}
+BATCH_KEYS = ("input_ids", "labels", "audio_slots", "positions", "segment_ids", "waves", "chunk_mask")
+BATCH_AXES = ("data", "fsdp")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradient norm became NaN or inf; the update of that step was not applied."""
+
+
+# -- parameter trees -----------------------------------------------------------------------------
+
+
+def _flatten(tree, prefix=()) -> dict[tuple[str, ...], object]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def _unflatten(flat: dict) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def partition(tree: dict, trainable: set) -> tuple[dict, dict]:
+    """Split a nested dict into (trainable leaves, the rest) by path."""
+    flat = _flatten(tree)
+    return (_unflatten({p: v for p, v in flat.items() if p in trainable}),
+            _unflatten({p: v for p, v in flat.items() if p not in trainable}))
+
+
+def combine(a: dict, b: dict) -> dict:
+    return _unflatten({**_flatten(a), **_flatten(b)})
+
+
+def trainable_paths(model: nnx.Module, trainable: dict[str, str]) -> set[tuple[str, ...]]:
+    """Paths of the parameters that train: ``nnx.Param`` of modules set to ``full``. Whisper's
+    positional table (a :class:`FrozenParam`, ``requires_grad=False`` in HF) never trains."""
+    roots = {MODULE_ROOT[m] for m in MODULES if trainable[m] == "full"}
+    out = set()
+    for path, v in nnx.iter_graph(model):
+        if isinstance(v, nnx.Param) and not isinstance(v, FrozenParam) and str(path[0]) in roots:
+            out.add(tuple(str(p) for p in path))
+    return out
+
+
+def param_shardings(model: nnx.Module, mesh) -> dict:
+    """NamedShardings for every variable, as a nested dict matching ``nnx.to_pure_dict``."""
+    flat = {}
+    for path, v in nnx.iter_graph(model):
+        if isinstance(v, nnx.Variable):
+            axes = v.get_metadata("logical_axes", None)
+            if axes is None:
+                raise ValueError(f"parameter {'.'.join(map(str, path))} has no logical_axes metadata")
+            flat[tuple(str(p) for p in path)] = NamedSharding(mesh, logical_to_spec(axes, shape=v.shape, mesh=mesh))
+    return _unflatten(flat)
+
+
+# -- optimizer -------------------------------------------------------------------------------------
+
+
+def lr_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0, then cosine decay to 0 at ``max_steps`` (HF's ``cosine``) or constant."""
+    o, total = cfg.optim, cfg.max_steps
+    warm = min(o.warmup_ratio and o.warmup_steps(total), total)
+    if o.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(warm, 1)), optax.constant_schedule(o.lr)],
+                                    [warm])
+    return optax.warmup_cosine_decay_schedule(0.0, o.lr, warm, max(total, warm + 1), end_value=0.0)
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with global-norm clipping. Weight decay skips vectors (biases, norms), like HF."""
+    o = cfg.optim
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(o.max_grad_norm),
+        optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
+    )
+
+
+# -- loss ------------------------------------------------------------------------------------------
+
+
+def next_token_targets(labels, segment_ids):
+    """``targets[t] = labels[t+1]`` within a sample, -100 across sample boundaries and padding."""
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    shifted = jnp.where(same, labels[:, 1:], IGNORE_INDEX)
+    return jnp.concatenate([shifted, jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+
+
+def nll_sums(lm, hidden, targets, chunk: int = 0):
+    """(sum of -log p(target), number of targets) over targets != -100.
+
+    With ``chunk > 0`` the vocabulary projection runs over ``chunk`` tokens at a time inside a
+    rematerialised scan, so the fp32 ``[tokens, vocab]`` logits never exist at once."""
+    h = hidden.reshape(-1, hidden.shape[-1])
+    t = targets.reshape(-1)
+
+    def piece(h, t):
+        logits = lm.logits(h)
+        valid = t != IGNORE_INDEX
+        gold = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[:, None], axis=-1)[:, 0]
+        nll = jax.nn.logsumexp(logits, axis=-1) - gold
+        return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
+
+    if chunk <= 0 or chunk >= h.shape[0]:
+        return piece(h, t)
+    pad = -h.shape[0] % chunk
+    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, h.shape[-1])
+    t = jnp.pad(t, (0, pad), constant_values=IGNORE_INDEX).reshape(-1, chunk)
+
+    def body(acc, xs):
+        s, n = jax.checkpoint(piece)(*xs)
+        return (acc[0] + s, acc[1] + n), None
+
+    (s, n), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), (h, t))
+    return s, n
+
+
+def loss_sums(model: MuFun, batch: dict, loss_chunk: int = 0):
+    """One packed micro-batch -> (sum of token NLL, label-token count). Mel runs on the device."""
+    mel = audio.log_mel_spectrogram(batch["waves"], model.cfg.whisper.num_mel_bins)
+    embeds = model.embed_inputs(batch["input_ids"], model.encode_audio(mel), batch["audio_slots"])
+    hidden, _ = model.language_model.hidden_states(embeds, batch["positions"], batch["segment_ids"])
+    return nll_sums(model.language_model, hidden, next_token_targets(batch["labels"], batch["segment_ids"]),
+                    loss_chunk)
+
+
+# -- the trainer -----------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Shardings, initialisation and the jitted train / eval steps for one model and mesh."""
+
+    def __init__(self, cfg: TrainConfig, model_cfg: MuFunConfig, mesh):
+        self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
+        abstract = nnx.eval_shape(lambda: MuFun(model_cfg, rngs=nnx.Rngs(0)))
+        self.graphdef = nnx.graphdef(abstract)
+        self.trainable = trainable_paths(abstract, cfg.trainable)
+        self.tx = make_optimizer(cfg)
+        self.schedule = lr_schedule(cfg)
+        rep = NamedSharding(mesh, P())
+        self.replicated = rep
+        train_sh, frozen_sh = partition(param_shardings(abstract, mesh), self.trainable)
+        abstract_params = nnx.to_pure_dict(nnx.state(abstract))
+        abstract_train, _ = partition(abstract_params, self.trainable)
+        opt_abstract = jax.eval_shape(self.tx.init, abstract_train)
+        opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, opt_abstract, train_sh,
+                                       transform_non_params=lambda _: rep)
+        self.state_shardings = {"step": rep, "params": train_sh, "frozen": frozen_sh, "opt_state": opt_sh, "rng": rep}
+        self.batch_sharding = NamedSharding(mesh, P(None, BATCH_AXES))  # (accum, rows | chunks, ...)
+        self.eval_sharding = NamedSharding(mesh, P(BATCH_AXES))
+        self.train_step = jax.jit(self._train_step, in_shardings=(self.state_shardings, self.batch_sharding),
+                                  out_shardings=(self.state_shardings, rep), donate_argnums=0)
+        self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_shardings, self.eval_sharding),
+                                 out_shardings=rep)
+
+    # state -----------------------------------------------------------------------------------
+
+    def init_state(self, key, params: dict | None = None) -> dict:
+        """A fresh state: ``params`` (a full nested dict, e.g. a converted checkpoint) or a
+        random initialisation computed directly into its shards."""
+        shardings = combine(self.state_shardings["params"], self.state_shardings["frozen"])
+        if params is None:
+            init = lambda k: nnx.to_pure_dict(nnx.state(MuFun(self.model_cfg, rngs=nnx.Rngs(k))))
+            params = jax.jit(init, out_shardings=shardings)(key)
+        else:
+            dt = jnp.dtype(self.model_cfg.param_dtype)
+            params = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(dt), p), out_shardings=shardings)(params)
+        train, frozen = partition(params, self.trainable)
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(train)
+        return {"step": jax.device_put(jnp.zeros((), jnp.int32), self.replicated), "params": train, "frozen": frozen,
+                "opt_state": opt_state, "rng": jax.jit(jax.random.key_data, out_shardings=self.replicated)(key)}  # own buffer:
+                # the state is donated to the step, the caller's key must survive
+
+    def abstract_state(self) -> dict:
+        """Shapes, dtypes and shardings of the state, without allocating it (for restores and AOT)."""
+        shapes = jax.eval_shape(lambda k: self.init_state(k), jax.random.key(0))
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                            self.state_shardings)
+
+    def abstract_params(self) -> dict:
+        """Full parameter tree (trainable and frozen) as sharded ShapeDtypeStructs."""
+        a = self.abstract_state()
+        return combine(a["params"], a["frozen"])
+
+    # steps -----------------------------------------------------------------------------------
+
+    def _model(self, params, frozen) -> MuFun:
+        return nnx.merge(self.graphdef, combine(params, frozen))
+
+    def _train_step(self, state, batch):
+        params, frozen = state["params"], state["frozen"]
+
+        def loss_sum(p, mb):
+            s, n = loss_sums(self._model(p, frozen), mb, self.cfg.loss_chunk)
+            return s, n
+
+        grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+        def micro(carry, mb):
+            g_acc, s_acc, n_acc = carry
+            (s, n), g = grad_fn(params, mb)
+            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
+
+        zero = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
+        (g, s, n), _ = jax.lax.scan(micro, zero, batch)
+        scale = 1.0 / jnp.maximum(n, 1.0)  # mean over every label token of the global batch
+        grads = jax.tree.map(lambda x: x * scale, g)
+        loss, grad_norm = s * scale, optax.tree.norm(grads)
+        updates, opt_state = self.tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # never apply a bad update
+        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state["rng"]))[0])
+        new_state = {"step": state["step"] + 1, "params": keep(new_params, params), "frozen": frozen,
+                     "opt_state": keep(opt_state, state["opt_state"]), "rng": rng}
+        return new_state, {"loss": loss, "label_tokens": n, "grad_norm": grad_norm}
+
+    def _eval_step(self, state, batch):
+        return loss_sums(self._model(state["params"], state["frozen"]), batch, self.cfg.loss_chunk)
+
+    # batches -----------------------------------------------------------------------------------
+
+    def global_batch(self, micro: list[dict]) -> dict:
+        """Host-local micro-batches -> global arrays (accum, rows, ...) split over data x fsdp."""
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.stack([m[k] for m in micro]))
+                for k in BATCH_KEYS}
+
+    def global_eval_batch(self, batch: dict) -> dict:
+        return {k: jax.make_array_from_process_local_data(self.eval_sharding, batch[k]) for k in BATCH_KEYS}
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+
+
+def checkpoint_manager(cfg: TrainConfig):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_checkpointing,
+                                           cleanup_tmp_directories=True, create=True)
+    return ocp.CheckpointManager(_epath(cfg.output_dir) / "checkpoints", options=options)
+
+
+def save_checkpoint(mngr, step: int, state: dict, loader_state: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(loader_state)),
+              force=True)
+
+
+def restore_checkpoint(mngr, step: int, abstract_state: dict) -> tuple[dict, dict]:
+    import orbax.checkpoint as ocp
+
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                     data=ocp.args.JsonRestore()))
+    return out["state"], out["data"]
+
+
+def _epath(p):
+    """A local path made absolute (Orbax requires it), or a ``gs://`` path as it is."""
+    from etils import epath
+
+    return epath.Path(p if "://" in str(p) else Path(p).resolve())
+
+
+def export_model(state: dict, model_cfg: MuFunConfig, tokenizer, dst) -> None:
+    """Write the trained parameters as a converted-checkpoint directory (``mufun_config.json``,
+    ``params/``, tokenizer), which ``init_from``, ``infer.py`` and ``convert_weights.py export``
+    read. Staged in a sibling and renamed, so ``dst`` is never half-written."""
+    import orbax.checkpoint.experimental.v1 as ocpv1
+    from jax.experimental import multihost_utils
+
+    from mufun_jax.weights import CONFIG_NAME, PARAMS_DIR
+
+    dst = _epath(dst)
+    tmp = dst.parent / f".{dst.name}.tmp"
+    main = jax.process_index() == 0
+    if main:
+        if tmp.exists():
+            tmp.rmtree()
+        tmp.mkdir(parents=True)
+    multihost_utils.sync_global_devices("mufun_export_start")
+    ocpv1.save_pytree(tmp / PARAMS_DIR, combine(state["params"], state["frozen"]))
+    if main:
+        (tmp / CONFIG_NAME).write_text(json.dumps(model_cfg.to_dict(), indent=2))
+        if tokenizer is not None:
+            local = Path(f"/tmp/mufun-tok-{os.getpid()}")
+            tokenizer.save_pretrained(str(local))
+            for f in local.iterdir():
+                (tmp / f.name).write_bytes(f.read_bytes())
+            shutil.rmtree(local, ignore_errors=True)
+        old = dst.parent / f".{dst.name}.old"
+        if dst.exists():
+            dst.rename(old)
+        tmp.rename(dst)
+        if old.exists():
+            old.rmtree()
+    multihost_utils.sync_global_devices("mufun_export_done")
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+class MetricsWriter:
+    """Scalars to ``metrics.jsonl`` (one object a line, appended across restarts) and to TensorBoard
+    event files. Only process 0 writes."""
+
+    def __init__(self, log_dir: str | Path, enabled: bool = True):
+        self.enabled = enabled
+        self.log_dir = Path(log_dir)
+        self._tb = None
+        if enabled:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.log_dir / "metrics.jsonl", "a")
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.log_dir / "tensorboard"))
+            except ImportError:  # optional: JSONL is always written
+                log.warning("tensorboardX is not installed; metrics go to metrics.jsonl only")
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()
+
+
+# -- data ------------------------------------------------------------------------------------------
+
+
+def make_loader(cfg: TrainConfig, tokenizer, mesh, *, eval: bool = False):
+    """This host's loader. Rows and chunks are split over data x fsdp devices, then over hosts."""
+    from mufun_jax.data.loader import Loader, LoaderConfig
+    from mufun_jax.data.packing import PackConfig
+
+    d = cfg.data
+    path = d.eval_dataset if eval else d.dataset
+    n = jax.process_count()
+    for name, v in [("data.batch_size", d.batch_size), ("data.max_chunks", d.max_chunks)]:
+        if v % n:
+            raise ValueError(f"{name}={v} must be divisible by the number of hosts ({n})")
+    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    for name, v in [("data.batch_size", d.batch_size), ("data.max_chunks", d.max_chunks)]:
+        if v % devices:
+            raise ValueError(f"{name}={v} must be divisible by mesh data x fsdp = {devices} (rows and audio chunks "
+                             "are split over those devices)")
+    pack = PackConfig(batch_size=d.batch_size // n, seq_len=d.seq_len, max_chunks=d.max_chunks // n,
+                      pack=d.pack, too_long=d.too_long, pad_token_id=_pad_id(tokenizer))
+    root = d.audio_root if d.audio_root is not None else str(Path(path).parent)
+    return Loader(LoaderConfig(dataset=path, pack=pack, template=d.template, audio_root=root, seed=d.seed,
+                               shuffle=d.shuffle and not eval, num_epochs=1 if eval else d.num_epochs,
+                               worker_count=d.worker_count, process_index=jax.process_index(), process_count=n),
+                  tokenizer)
+
+
+def _pad_id(tokenizer) -> int:
+    pid = getattr(tokenizer, "pad_token_id", None)
+    return int(pid if pid is not None else tokenizer.eos_token_id)
+
+
+# -- the loop --------------------------------------------------------------------------------------
+
+
+def maybe_initialize_distributed(flag: bool | None) -> None:
+    """``jax.distributed.initialize()`` when asked, or (flag None) when the launcher set a
+    coordinator or a multi-host TPU slice; must run before anything touches the devices."""
+    env = os.environ
+    auto = bool(env.get("JAX_COORDINATOR_ADDRESS")) or len(env.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1 \
+        or bool(env.get("MEGASCALE_COORDINATOR_ADDRESS"))
+    if flag or (flag is None and auto):
+        jax.distributed.initialize()
+
+
+def evaluate(trainer: Trainer, state: dict, cfg: TrainConfig, tokenizer) -> dict:
+    loader = make_loader(cfg, tokenizer, trainer.mesh, eval=True)
+    s = n = 0.0
+    for i, batch in enumerate(loader):
+        if cfg.eval_batches is not None and i >= cfg.eval_batches:
+            break
+        bs, bn = jax.device_get(trainer.eval_step(state, trainer.global_eval_batch(batch)))
+        s, n = s + float(bs), n + float(bn)
+    return {"eval_loss": s / max(n, 1.0), "eval_label_tokens": n,
+            **{f"eval_skipped/{k}": v for k, v in loader.counter.items()}}
+
+
+def load_init_params(trainer: Trainer, path) -> dict:
+    from mufun_jax.weights import load_params, param_metadata
+
+    want = {p: tuple(s.shape) for p, s in _flatten(trainer.abstract_params()).items()}
+    have = {p: shape for p, (shape, _) in param_metadata(path).items()}
+    missing = sorted(set(want) - set(have))
+    wrong = [(p, have[p], want[p]) for p in want if p in have and have[p] != want[p]]
+    if missing or wrong:
+        raise ValueError(f"init_from={path}: does not match the model config: missing {['.'.join(p) for p in missing[:5]]}"
+                         f", shape mismatches {[('.'.join(p), h, w) for p, h, w in wrong[:5]]}")
+    shardings = combine(trainer.state_shardings["params"], trainer.state_shardings["frozen"])
+    return load_params(path, shardings=shardings)
+
+
+def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, dict], None] | None = None) -> dict:
+    """Run (or resume) training as configured; returns the last step's metrics."""
+    from tqdm.auto import tqdm
+
+    from mufun_jax.data.dataset import dataset_tokenizer
+    from mufun_jax.weights import load_config
+
+    maybe_initialize_distributed(cfg.distributed)
+    if cfg.data.dataset is None:
+        raise ValueError("data.dataset is not set: give the training JSON / JSONL")
+    mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    model_cfg = cfg.model_config(load_config(cfg.init_from) if cfg.init_from else None)
+    tok_dir = cfg.data.tokenizer or cfg.init_from
+    if tok_dir is None:
+        raise ValueError("no tokenizer: set data.tokenizer (a tokenizer directory) or init_from")
+    tokenizer = dataset_tokenizer(tok_dir)
+    if len(tokenizer) > model_cfg.qwen3.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
+                         f"{model_cfg.qwen3.vocab_size}; use a matching tokenizer or set model.qwen3.vocab_size")
+    main = jax.process_index() == 0
+    out = _epath(cfg.output_dir)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    trainer = Trainer(cfg, model_cfg, mesh)
+    loader = make_loader(cfg, tokenizer, mesh)
+    mngr = checkpoint_manager(cfg)
+    start = mngr.latest_step()
+    if start is not None:
+        state, loader_state = restore_checkpoint(mngr, start, trainer.abstract_state())
+        loader.set_state(loader_state)
+        log.info("resumed from %s at step %d", out / "checkpoints" / str(start), start)
+    else:
+        start = 0
+        key = jax.random.key(cfg.seed)
+        params = load_init_params(trainer, cfg.init_from) if cfg.init_from else None
+        state = trainer.init_state(key, params)
+    n_train = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(state["params"]))
+    n_frozen = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(state["frozen"]))
+    log.info("mesh %s; %s trainable and %s frozen parameters (%s)", dict(mesh.shape), f"{n_train:,}",
+             f"{n_frozen:,}", cfg.trainable)
+    local = Path(cfg.output_dir) if "://" not in cfg.output_dir else Path("logs") / Path(cfg.output_dir).name
+    writer = MetricsWriter(local, enabled=main)
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not (cfg.progress and main), unit="step")
+    metrics: dict = {}
+    step = start
+    t_last, tokens_since = time.perf_counter(), 0
+    try:
+        while step < cfg.max_steps:
+            micro = []
+            for _ in range(cfg.optim.grad_accum):
+                try:
+                    micro.append(next(loader))
+                except StopIteration:
+                    break
+            if len(micro) < cfg.optim.grad_accum:
+                log.warning("the training data ran out at step %d (of max_steps=%d); %d leftover micro-batch(es) "
+                            "not used; stopping", step, cfg.max_steps, len(micro))
+                break
+            if profile and step == start + 2:
+                jax.profiler.start_trace(str(local / "profile"))
+            state, m = trainer.train_step(state, trainer.global_batch(micro))
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            step += 1
+            if profile and step == start + 5:
+                jax.profiler.stop_trace()
+                log.info("profile written to %s", local / "profile")
+            if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                raise NonFiniteLossError(
+                    f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; the update was not "
+                    f"applied and no checkpoint of it was written. The last good checkpoint is step "
+                    f"{mngr.latest_step()}. Lower optim.lr, check the data (the samples of this step were "
+                    f"{_ids(micro)}), or use float32 compute (model.dtype=float32).")
+            tokens_since += sum(int((mb["segment_ids"] != 0).sum()) for mb in micro) * jax.process_count()
+            m["lr"] = float(trainer.schedule(step - 1))
+            m["samples"] = sum(len(mb["sample_ids"]) for mb in micro) * jax.process_count()
+            metrics = m
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                now = time.perf_counter()
+                m["tokens_per_s"] = tokens_since / (now - t_last)
+                t_last, tokens_since = now, 0
+                writer.write(step, {**m, **{f"skipped/{k}": v for k, v in loader.counter.items()}})
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}",
+                                refresh=False)
+            bar.update(1)
+            if step % cfg.save_every == 0 or step == cfg.max_steps:
+                save_checkpoint(mngr, step, state, loader.get_state())
+            if cfg.data.eval_dataset and cfg.eval_every and step % cfg.eval_every == 0:
+                writer.write(step, evaluate(trainer, state, cfg, tokenizer))
+            if on_step is not None:
+                on_step(step, m)
+        if mngr.latest_step() != step:
+            save_checkpoint(mngr, step, state, loader.get_state())
+        mngr.wait_until_finished()
+        if cfg.data.eval_dataset:
+            ev = evaluate(trainer, state, cfg, tokenizer)
+            writer.write(step, ev)
+            metrics = {**metrics, **ev}
+            log.info("eval loss at step %d: %.4f", step, ev["eval_loss"])
+        export_model(state, model_cfg, tokenizer, out / "model")
+        if loader.counter:
+            log.warning("skipped samples:\n%s", loader.counter.report())
+    finally:
+        bar.close()
+        writer.close()
+        mngr.close()
+    return {"step": step, **metrics, "skipped": dict(loader.counter)}
+
+
+def _ids(micro: list[dict]) -> list:
+    ids = [i for mb in micro for i in mb["sample_ids"]]
+    return ids[:8] + (["..."] if len(ids) > 8 else [])

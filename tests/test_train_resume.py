@@ -1,0 +1,212 @@
+"""Checkpoints and resume, end to end through ``train()`` in subprocesses: a run killed with
+SIGKILL and restarted logs exactly the losses of an uninterrupted run; a kill in the middle of a
+save leaves the previous checkpoint restorable; a NaN stops the run before a checkpoint of it; a
+warmup result initialises the full stage; a converted checkpoint initialises training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from helpers import tiny_train_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+RUNNER = textwrap.dedent(r"""
+    import json, os, signal, sys
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    from mufun_jax.train_config import TrainConfig
+    from mufun_jax import train_lib
+
+    cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
+    mode, at = sys.argv[2], int(sys.argv[3])
+    hook = None
+    if mode == "kill_after_step":  # a real SIGKILL, in the middle of the run
+        hook = lambda step, m: os.kill(os.getpid(), signal.SIGKILL) if step == at else None
+    elif mode == "kill_in_save":  # SIGKILL once the checkpoint's data is written, before it is committed
+        from orbax.checkpoint._src.path import atomicity
+        original = atomicity.AtomicRenameTemporaryPath.finalize
+        async def finalize(self, *a, **k):
+            if self._final_path.name == str(at):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return await original(self, *a, **k)
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    train_lib.train(cfg, on_step=hook)
+    print("RUN_DONE")
+""")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_train_data(tmp_path_factory.mktemp("data"))
+
+
+def config(data, out, **kw):
+    d = dict(output_dir=str(out), model={"preset": "mufun-tiny"}, max_steps=6, save_every=2, keep=5, seed=0,
+             progress=False, optim=dict(lr=1e-3, warmup_ratio=0.2),
+             data=dict(dataset=str(data / "train.json"), tokenizer=str(data / "tok"), batch_size=2, seq_len=512,
+                       max_chunks=2))
+    for k, v in kw.items():
+        if k in ("optim", "data"):
+            d[k] = {**d[k], **v}
+        else:
+            d[k] = v
+    return d
+
+
+def run(cfg: dict, mode="plain", at=0, expect_ok=True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cfg), mode, str(at)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    if expect_ok:
+        assert r.returncode == 0 and "RUN_DONE" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def losses(out) -> list[tuple[int, float]]:
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
+
+
+def committed(out) -> list[int]:
+    return sorted(int(p.name) for p in (Path(out) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.fixture(scope="module")
+def baseline(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("baseline")
+    run(config(data, out))
+    want = dict(losses(out))
+    assert sorted(want) == [1, 2, 3, 4, 5, 6]
+    return want
+
+
+def test_sigkill_then_resume_gives_identical_losses(data, baseline, tmp_path):
+    out = tmp_path / "run"
+    r = run(config(data, out), "kill_after_step", 5, expect_ok=False)
+    assert r.returncode == -signal.SIGKILL
+    assert committed(out) and max(committed(out)) < 6
+    first = losses(out)
+    assert [s for s, _ in first] == [1, 2, 3, 4, 5]
+    run(config(data, out))
+    got = losses(out)
+    assert len(got) > 6  # the steps after the restored checkpoint were run (and logged) again
+    assert max(s for s, _ in got) == 6
+    for step, loss in got:
+        assert loss == baseline[step], (step, loss, baseline[step])  # bit-exact on CPU
+    assert committed(out)[-1] == 6 and (out / "model" / "mufun_config.json").exists()
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(data, baseline, tmp_path):
+    out = tmp_path / "run"
+    r = run(config(data, out, async_checkpointing=False), "kill_in_save", 4, expect_ok=False)
+    assert r.returncode == -signal.SIGKILL
+    assert committed(out) == [2]  # step 4 was written but never committed
+    assert any("tmp" in p.name for p in (out / "checkpoints").iterdir())
+    run(config(data, out))
+    got = losses(out)
+    assert [s for s, _ in got] == [1, 2, 3, 4, 3, 4, 5, 6]  # resumed from step 2
+    for step, loss in got:
+        assert loss == baseline[step], (step, loss, baseline[step])
+    assert not any("tmp" in p.name for p in (out / "checkpoints").iterdir())
+
+
+def test_nan_loss_stops_before_a_checkpoint_of_it(data, tmp_path, monkeypatch):
+    """NaN audio in the third batch: the run stops at step 3 with a clear error; checkpoints 1
+    and 2 exist, nothing later, and the parameters in them are finite."""
+    from mufun_jax import train_lib
+    from mufun_jax.train_config import TrainConfig
+
+    real = train_lib.make_loader
+
+    class Poisoned:
+        def __init__(self, inner):
+            self.inner, self.n = inner, 0
+
+        def __iter__(self):
+            return self
+
+        def __next__(self):
+            b = next(self.inner)
+            self.n += 1
+            if self.n == 3:
+                b["waves"] = np.full_like(b["waves"], np.nan)
+            return b
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(train_lib, "make_loader", lambda *a, **k: Poisoned(real(*a, **k)))
+    out = tmp_path / "run"
+    cfg = TrainConfig.from_dict(config(data, out, save_every=1, async_checkpointing=False))
+    with pytest.raises(train_lib.NonFiniteLossError, match=r"step 3: loss=nan .*not applied.* last good "
+                                                           r"checkpoint is step 2"):
+        train_lib.train(cfg)
+    assert committed(out) == [1, 2]
+    assert not (out / "model").exists()
+    state = _restore_params(out, 2)
+    assert all(np.isfinite(np.asarray(x)).all() for x in state)
+
+
+def _restore_params(out, step):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(Path(out) / "checkpoints") as m:
+        restored = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    import jax
+
+    return jax.tree.leaves(restored["state"]["params"])
+
+
+def _model_params(model_dir):
+    import jax
+
+    from mufun_jax.weights import load_params
+
+    flat = jax.tree_util.tree_flatten_with_path(load_params(model_dir))[0]
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+
+
+def test_warmup_result_initialises_the_full_stage(data, tmp_path):
+    warm, full = tmp_path / "warm", tmp_path / "full"
+    run(config(data, warm, max_steps=2, trainable={"whisper": "frozen", "connector": "full", "llm": "frozen"}))
+    run(config(data, full, model={}, init_from=str(warm / "model"), max_steps=1, optim=dict(lr=0.0)))
+    a, b = _model_params(warm / "model"), _model_params(full / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # lr 0: the full stage starts exactly there
+    # and the warmup stage changed only the connector
+    fresh = tmp_path / "fresh"
+    run(config(data, fresh, max_steps=1, optim=dict(lr=0.0)))
+    c = _model_params(fresh / "model")
+    changed = {k for k in a if not np.array_equal(a[k], c[k])}
+    assert changed and all(k.startswith("['connector']") for k in changed), sorted(changed)
+
+
+def test_init_from_a_converted_checkpoint(data, tmp_path, torch_threads):
+    """A PyTorch checkpoint -> convert_weights import -> train init_from: the weights arrive intact."""
+    from mufun_jax.config import preset
+    from mufun_jax.weights import import_checkpoint
+    from torch_reference import TorchMuFun
+
+    cfg = preset("mufun-tiny")
+    ref = TorchMuFun(cfg, seed=5)
+    src = tmp_path / "torch"
+    src.mkdir()
+    from safetensors.numpy import save_file
+
+    save_file(ref.combined_state_dict(), str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps(cfg.to_tinyllava()))
+    import_checkpoint(tmp_path / "conv", src, progress=False)
+    run(config(data, tmp_path / "out", model={}, init_from=str(tmp_path / "conv"), max_steps=1,
+               optim=dict(lr=0.0)))
+    a, b = _model_params(tmp_path / "conv"), _model_params(tmp_path / "out" / "model")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
