@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install clean
+.PHONY: test install clean demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
@@ -15,6 +15,15 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
+
+# The CPU demo: synthetic clips + an offline tokenizer, two training stages, batched answers on
+# held-out clips. Everything goes to runs/demo/; no downloads.
+demo: $(VENV)/.installed
+	rm -rf runs/demo
+	$(PY) -m mufun_jax.demo prepare runs/demo/data
+	$(PY) train.py --config configs/demo_warmup.yaml
+	$(PY) train.py --config configs/demo.yaml
+	$(PY) -m mufun_jax.demo evaluate runs/demo/full/model runs/demo/data
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -4,4 +4,14 @@ from mufun_jax.config import ConnectorConfig, MuFunConfig, Qwen3Config, WhisperC
 
 __version__ = "0.1.0"
 
-__all__ = ["ConnectorConfig", "MuFunConfig", "Qwen3Config", "WhisperConfig", "preset", "__version__"]
+__all__ = ["ConnectorConfig", "MuFun", "MuFunConfig", "Qwen3Config", "WhisperConfig", "preset", "__version__"]
+
+
+def __getattr__(name):
+    # The inference API (mufun_jax.api.MuFun) pulls in jax and flax: imported on first use only, so
+    # that `import mufun_jax` stays cheap. The nnx module of the same name is mufun_jax.models.MuFun.
+    if name == "MuFun":
+        from mufun_jax.api import MuFun
+
+        return MuFun
+    raise AttributeError(f"module 'mufun_jax' has no attribute {name!r}")

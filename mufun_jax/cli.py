@@ -50,3 +50,129 @@ def train_main(argv=None) -> int:
           + (f", eval loss {result['eval_loss']:.4f}" if "eval_loss" in result else "")
           + f"; model written to {cfg.output_dir}/model")
     return 0
+
+
+def _read_requests(path) -> list:
+    """Records of a JSON list or a JSONL file. A JSONL line that does not parse becomes a
+    ``_BadLine`` (reported as an error record); a broken JSON list is a usage error (ValueError)."""
+    import json
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not a valid JSON list ({e.msg} at line {e.lineno}, column {e.colno})") from e
+        return records
+    records = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                records.append(_BadLine(f"{Path(path).name}:{n}", f"invalid JSON ({e.msg})"))
+    return records
+
+
+class _BadLine:
+    def __init__(self, id, message):
+        self.id, self.message = id, message
+
+
+def infer_main(argv=None) -> int:
+    """Answer (or, with ``--score``, rank candidates for) every request of a JSON / JSONL file."""
+    import json
+    import os
+    import uuid
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(
+        prog="infer.py", description="Batched MuFun inference: one JSONL result per request, in input order. "
+        "Requests are training-schema records ({id, audio, time, conversations}; the first human turn is the "
+        "prompt) or {id, prompt, audio, time}, with optional candidates for --score. Exit status: 0 all answered, "
+        "1 some requests failed (error records in the output), 2 usage error.",
+        epilog="example: python infer.py converted/mufun-instruct requests.jsonl --output answers.jsonl "
+               "--audio-root data/ --batch-size 16")
+    ap.add_argument("model", help="a converted directory (convert_weights.py import, or train.py's OUTPUT_DIR/model) "
+                                  "or a PyTorch MuFun checkpoint directory")
+    ap.add_argument("input", help="requests, as a JSON list or JSONL")
+    ap.add_argument("--output", "-o", required=True, help="JSONL results (written atomically)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=512)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-k", type=int, default=None)
+    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed of requests without their own 'seed'")
+    ap.add_argument("--score", action="store_true", help="score each request's 'candidates' instead of generating; "
+                                                         "the answer is the most likely candidate")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                    help="compute and parameter dtype (default: the checkpoint config's)")
+    ap.add_argument("--audio-root", default=None, help="directory that relative audio paths are resolved against")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    bad = [f"{name} {why}" for name, cond, why in (
+        ("--batch-size", args.batch_size < 1, "must be >= 1"),
+        ("--max-new-tokens", args.max_new_tokens < 1, "must be >= 1"),
+        ("--temperature", args.temperature < 0, "must be >= 0"),
+        ("--top-k", args.top_k is not None and args.top_k < 0, "must be >= 0"),
+        ("--top-p", args.top_p is not None and not 0 < args.top_p <= 1, "must be in (0, 1]"),
+    ) if cond]
+    if bad:
+        ap.print_usage(sys.stderr)
+        print(f"infer.py: error: {'; '.join(bad)}", file=sys.stderr)
+        return 2
+    _logging()
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax's per-restore TensorStore notices
+    except ImportError:
+        pass
+    try:
+        records = _read_requests(args.input)
+    except (OSError, ValueError) as e:
+        print(f"infer.py: error: cannot read requests: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        print(f"infer.py: error: {out.parent}: no such directory for --output", file=sys.stderr)
+        return 2
+
+    from mufun_jax.api import MuFun, Result
+    from mufun_jax.torch_files import CheckpointError
+
+    try:
+        model = MuFun.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size,
+                                      max_new_tokens=args.max_new_tokens)
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"infer.py: error: cannot load the model: {e}", file=sys.stderr)
+        return 2
+
+    good = [r for r in records if not isinstance(r, _BadLine)]
+    results = model.iter_results(good, score=args.score, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                 audio_root=args.audio_root, progress=not args.no_progress)
+    failed: dict[str, int] = {}
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w") as f:
+            for r in records:
+                if isinstance(r, _BadLine):
+                    r = Result(r.id, error="malformed_record", message=r.message)
+                else:
+                    r = next(results)
+                if r.error is not None:
+                    failed[r.error] = failed.get(r.error, 0) + 1
+                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    n_failed = sum(failed.values())
+    print(f"{len(records) - n_failed} of {len(records)} requests answered; results in {out}"
+          + (f"; failed: {', '.join(f'{k} {v}' for k, v in sorted(failed.items()))}" if failed else ""),
+          file=sys.stderr)
+    return 1 if n_failed else 0

@@ -21,7 +21,12 @@ IGNORE_INDEX = -100
 ENDOFTEXT_ID = 151643  # `<|endoftext|>`: pad, and eos of base models
 IM_END_ID = 151645  # `<|im_end|>`: end token of the instruct template
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")  # implemented in models/scan.py
+# Implemented in models/scan.py. "full" saves nothing; "dots_except_mlp" saves the attention
+# projections only; "offload" saves nothing on the device but each layer's input in host memory.
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_except_mlp", "offload")
+# Attention backends of models/attention.py for the training (no KV cache) path; "splash_interpret"
+# is the TPU splash kernel in Pallas interpret mode, for CPU tests only.
+ATTENTION_IMPLS = ("xla", "splash", "pallas_tpu", "cudnn", "splash_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -249,7 +254,8 @@ class MuFunConfig:
     # Runtime choices (do not change the function computed, only how).
     dtype: str = "float32"  # compute dtype of matmuls; "bfloat16" on accelerators
     param_dtype: str = "float32"
-    remat_policy: str = "none"  # none | full | dots | dots_no_batch
+    remat_policy: str = "none"  # none | full | dots | dots_no_batch | dots_except_mlp | offload
+    attention_impl: str = "xla"  # xla | splash (TPU Pallas kernel) | cudnn; the KV-cache path is always xla
 
     def __post_init__(self):
         object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))
@@ -277,6 +283,8 @@ class MuFunConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not one of {list(ATTENTION_IMPLS)}")
         if self.tokenizer_padding_side not in ("right", "left"):
             raise ValueError(f"tokenizer_padding_side={self.tokenizer_padding_side!r} must be 'right' or 'left'")
 

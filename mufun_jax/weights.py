@@ -358,7 +358,7 @@ def param_metadata(path: str | Path) -> dict[FlaxPath, tuple[tuple[int, ...], np
     import jax
     import orbax.checkpoint.experimental.v1 as ocp
 
-    meta = ocp.metadata(Path(path) / PARAMS_DIR).metadata
+    meta = ocp.metadata(Path(path).resolve() / PARAMS_DIR).metadata  # Orbax wants absolute paths
     flat = jax.tree_util.tree_flatten_with_path(meta, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {tuple(k.key for k in kp): (tuple(v.shape), np.dtype(v.dtype)) for kp, v in flat}
 
@@ -374,7 +374,7 @@ def _restore(path: str | Path, meta, leaf) -> dict:
         for k in p[:-1]:
             node = node.setdefault(k, {})
         node[p[-1]] = leaf(p, shape, dtype)
-    return ocp.load(Path(path) / PARAMS_DIR, abstract)
+    return ocp.load(Path(path).resolve() / PARAMS_DIR, abstract)
 
 
 def _cpu():

@@ -210,3 +210,29 @@ def test_init_from_a_converted_checkpoint(data, tmp_path, torch_threads):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_metrics_reach_tensorboard_and_jsonl(baseline, tmp_path_factory):
+    """The baseline run's TensorBoard event file holds the same losses as metrics.jsonl."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = next(p for p in Path(tmp_path_factory.getbasetemp()).glob("baseline*") if (p / "metrics.jsonl").exists())
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    raw, scalars = events[0].read_bytes(), {}
+    i = 0
+    while i < len(raw):  # TFRecord framing: length, crc, payload, crc
+        (n,) = struct.unpack("<Q", raw[i:i + 8])
+        ev = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+        for v in ev.summary.value:
+            scalars.setdefault(v.tag, {})[ev.step] = v.simple_value
+        i += 12 + n + 4
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "label_tokens"} <= set(scalars)
+    assert sorted(scalars["loss"]) == [1, 2, 3, 4, 5, 6]
+    for step, loss in baseline.items():
+        assert abs(scalars["loss"][step] - loss) <= 1e-6 * abs(loss)  # stored as float32
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all({"step", "loss", "lr", "grad_norm", "tokens_per_s", "samples"} <= set(r) for r in rows)
+    assert (out / "train_config.json").exists() and (out / "model" / "params").is_dir()

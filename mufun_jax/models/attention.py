@@ -63,8 +63,48 @@ def dot_product_attention(q, k, v, *, segment_ids=None, causal: bool, implementa
     if implementation == "xla":
         return _xla_attention(q, k, v, segment_ids, causal)
     if implementation in ("pallas_tpu", "splash"):
-        return _splash_attention(q, k, v, segment_ids, causal, interpret)
+        return _per_shard(lambda *a: _splash_attention(*a, causal, interpret), q, k, v, segment_ids)
     return _cudnn_attention(q, k, v, segment_ids, causal)
+
+
+def resolve(impl: str) -> tuple[str, bool]:
+    """A model config's ``attention_impl`` -> (implementation, interpret); ``"splash_interpret"``
+    is the splash kernel in Pallas interpret mode (CPU tests of the model wiring)."""
+    return ("splash", True) if impl == "splash_interpret" else (impl, False)
+
+
+def _per_shard(fn, q, k, v, segment_ids):
+    """Run a Pallas kernel on each device's shard: under an active multi-device (data, fsdp, tensor)
+    mesh (``jax.set_mesh``), ``shard_map`` over the batch (data x fsdp) and, where it divides both
+    head counts, the heads (tensor). A custom call left to the SPMD partitioner would be replicated,
+    i.e. every device would gather and compute the whole batch. Without such a mesh, ``fn`` as is."""
+    from mufun_jax.models.layers import active_mesh
+
+    mesh = active_mesh()
+    if mesh is None:
+        return fn(q, k, v, segment_ids)
+    from jax.sharding import PartitionSpec as P
+
+    batch = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
+    while batch and q.shape[0] % math.prod(mesh.shape[a] for a in batch):
+        batch = batch[:-1]
+    batch = None if not batch else batch[0] if len(batch) == 1 else batch
+    t = mesh.shape["tensor"]
+    heads = "tensor" if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
+    qs, ks = P(batch, None, heads, None), P(batch, None, heads, None)
+    if segment_ids is None:
+        body, args, specs = (lambda q, k, v: fn(q, k, v, None)), (q, k, v), (qs, ks, ks)
+    else:
+        body, args, specs = fn, (q, k, v, segment_ids), (qs, ks, ks, P(batch, None))
+    return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qs, check_vma=False)(*args)
+
+
+def _target_platform() -> str:
+    """The platform being compiled for: the active mesh's (AOT for a TPU topology from a CPU host
+    sets a TPU mesh), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
 
 
 def _check_shapes(q, k, v, segment_ids, causal):
@@ -143,9 +183,9 @@ def _splash_kernel(num_heads: int, q_len: int, kv_len: int, block_q: int, block_
 def _splash_attention(q, k, v, segment_ids, causal, interpret):
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
-    if not interpret and jax.default_backend() != "tpu":
-        raise ValueError(f"attention implementation 'pallas_tpu' needs a TPU (default backend is "
-                         f"{jax.default_backend()!r}); pass interpret=True to run the kernel in Pallas "
+    if not interpret and _target_platform() != "tpu":
+        raise ValueError(f"attention implementation 'pallas_tpu' needs a TPU (compiling for "
+                         f"{_target_platform()!r}); pass interpret=True to run the kernel in Pallas "
                          f"interpret mode, or use implementation='xla'")
     b, t, n, d = q.shape
     s = k.shape[1]

@@ -9,6 +9,7 @@ weight mapping in :mod:`mufun_jax.convert`.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import jax
@@ -29,6 +30,39 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Axes, dtype) -> nnx.
     if len(axes) != len(shape):
         raise ValueError(f"logical axes {axes} do not match parameter shape {tuple(shape)}")
     return nnx.Param(init(rngs.params(), tuple(shape), dtype), logical_axes=tuple(axes))
+
+
+def active_mesh():
+    """The mesh set by ``jax.set_mesh`` / ``jax.sharding.use_abstract_mesh`` while tracing, if it is a
+    multi-device (data, fsdp, tensor) mesh; else None."""
+    from mufun_jax.sharding import MESH_AXES
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or not set(MESH_AXES) <= set(mesh.axis_names):
+        return None
+    return mesh
+
+
+def shard_activation(x, axes: Sequence[str | None]):
+    """``with_sharding_constraint`` from logical axes (``('batch', None, 'mlp')``) when a mesh is
+    active, else ``x`` unchanged. Without it XLA may keep the batch of the activations unsharded
+    under FSDP (the weights use the fsdp axis for their width). A mesh axis that does not divide
+    its dimension is dropped, so odd shapes (a batch of 1 in decoding) stay legal."""
+    mesh = active_mesh()
+    if mesh is None:
+        return x
+    from jax.sharding import PartitionSpec
+
+    from mufun_jax.sharding import logical_to_spec
+
+    spec = []
+    for dim, entry in zip(x.shape, logical_to_spec(axes)):
+        names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+        names = tuple(n for n in names if mesh.shape[n] > 1)
+        while names and dim % math.prod(mesh.shape[n] for n in names):
+            names = names[:-1]
+        spec.append(None if not names else names[0] if len(names) == 1 else names)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def gelu(x):

@@ -13,6 +13,7 @@ from flax import nnx
 
 from mufun_jax.config import MuFunConfig
 from mufun_jax.models.connector import Connector
+from mufun_jax.models.layers import shard_activation
 from mufun_jax.models.qwen3 import KVCache, Qwen3ForCausalLM
 from mufun_jax.models.whisper import WhisperEncoder
 
@@ -21,9 +22,10 @@ class MuFun(nnx.Module):
     def __init__(self, cfg: MuFunConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        self.encoder = WhisperEncoder(cfg.whisper, taps=cfg.taps, remat_policy=cfg.remat_policy, rngs=rngs, **kw)
-        self.connector = Connector(cfg.connector, rngs=rngs, **kw)
-        self.language_model = Qwen3ForCausalLM(cfg.qwen3, remat_policy=cfg.remat_policy, rngs=rngs, **kw)
+        kw.update(remat_policy=cfg.remat_policy, attention_impl=cfg.attention_impl)
+        self.encoder = WhisperEncoder(cfg.whisper, taps=cfg.taps, rngs=rngs, **kw)
+        self.connector = Connector(cfg.connector, rngs=rngs, dtype=kw["dtype"], param_dtype=kw["param_dtype"])
+        self.language_model = Qwen3ForCausalLM(cfg.qwen3, rngs=rngs, **kw)
 
     def audio_features(self, mel):
         """mel (chunks, n_mels, 3000) -> pooled taps (chunks, 300, d_model x taps), before the connector."""
@@ -45,7 +47,7 @@ class MuFun(nnx.Module):
             return x
         flat = audio_embeds.reshape(-1, audio_embeds.shape[-1]).astype(x.dtype)
         gathered = jnp.take(flat, jnp.clip(audio_slots, 0, flat.shape[0] - 1), axis=0)
-        return jnp.where((audio_slots >= 0)[..., None], gathered, x)
+        return shard_activation(jnp.where((audio_slots >= 0)[..., None], gathered, x), ("batch", None, None))
 
     def __call__(self, input_ids, mel=None, audio_slots=None, *, positions=None, segment_ids=None,
                  cache: KVCache | None = None):

@@ -18,9 +18,11 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mufun_jax.config import Qwen3Config
-from mufun_jax.models.layers import Embed, Linear, RMSNorm
+from mufun_jax.models import attention as attention_lib
+from mufun_jax.models.layers import Embed, Linear, RMSNorm, shard_activation
 from mufun_jax.models.scan import scan_layers, stack_layers
 
 _MASKED = -1e30  # finite, so fully masked (padding) rows give uniform weights instead of NaN
@@ -80,12 +82,20 @@ class Qwen3Attention(nnx.Module):
         self.k_norm = RMSNorm(d, **nkw)
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, d
 
-    def __call__(self, x, cos, sin, mask, positions, kv=None):
+    def __call__(self, x, cos, sin, mask, positions, kv=None, segment_ids=None, impl: str = "xla"):
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = checkpoint_name(shard_activation(q, ("batch", None, "heads", None)), "query_proj")
+        k = checkpoint_name(shard_activation(k, ("batch", None, "kv_heads", None)), "key_proj")
+        v = checkpoint_name(shard_activation(v, ("batch", None, "kv_heads", None)), "value_proj")
+        if kv is None and impl != "xla":  # training / scoring through a kernel backend
+            implementation, interpret = attention_lib.resolve(impl)
+            out = attention_lib.dot_product_attention(q, k, v, segment_ids=segment_ids, causal=True,
+                                                      implementation=implementation, interpret=interpret)
+            return checkpoint_name(self.o_proj(out.reshape(b, t, -1)), "out_proj"), kv
         if kv is not None:
             rows = jnp.arange(b)[:, None]
             kv = (kv[0].at[rows, positions].set(k.astype(kv[0].dtype)),
@@ -97,7 +107,7 @@ class Qwen3Attention(nnx.Module):
         scores = jnp.where(mask[:, None, None], scores, _MASKED)
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * self.head_dim)
-        return self.o_proj(out), kv
+        return checkpoint_name(self.o_proj(out), "out_proj"), kv
 
 
 class Qwen3MLP(nnx.Module):
@@ -108,7 +118,8 @@ class Qwen3MLP(nnx.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = shard_activation(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), ("batch", None, "mlp"))
+        return self.down_proj(h)
 
 
 class Qwen3DecoderLayer(nnx.Module):
@@ -119,18 +130,20 @@ class Qwen3DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **kw)
         self.mlp = Qwen3MLP(cfg, **kw)
 
-    def __call__(self, x, cos, sin, mask, positions, kv=None):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, positions, kv)
+    def __call__(self, x, cos, sin, mask, positions, kv=None, segment_ids=None, impl: str = "xla"):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, positions, kv, segment_ids, impl)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return shard_activation(x, ("batch", None, None)), kv
 
 
 class Qwen3ForCausalLM(nnx.Module):
     def __init__(self, cfg: Qwen3Config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat_policy: str = "none",
-                 rngs: nnx.Rngs):
+                 attention_impl: str = "xla", rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         self.remat_policy = remat_policy
+        self.attention_impl = attention_impl  # the no-cache path only; the KV-cache path is always xla
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, rngs=rngs, **kw)
         self.layers = stack_layers(lambda r: Qwen3DecoderLayer(cfg, rngs=r, **kw), cfg.num_hidden_layers, rngs)
@@ -152,14 +165,17 @@ class Qwen3ForCausalLM(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
-        mask = attention_mask(positions, segment_ids, None if cache is None else cache.max_len)
+        impl = self.attention_impl if cache is None else "xla"
+        # a kernel backend builds its own (block-sparse) mask from segment_ids
+        mask = None if impl != "xla" else attention_mask(positions, segment_ids,
+                                                         None if cache is None else cache.max_len)
 
         def body(layer, x, kv):
-            return layer(x, cos, sin, mask, positions, kv)
+            return layer(x, cos, sin, mask, positions, kv, segment_ids, impl)
 
         xs = None if cache is None else (cache.k, cache.v)
-        x, new_kv = scan_layers(self.layers, body, inputs_embeds.astype(self.dtype), xs,
-                                remat_policy=self.remat_policy)
+        x = shard_activation(inputs_embeds.astype(self.dtype), ("batch", None, None))
+        x, new_kv = scan_layers(self.layers, body, x, xs, remat_policy=self.remat_policy)
         return self.norm(x), (None if cache is None else KVCache(*new_kv))
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None,

@@ -10,14 +10,26 @@ from typing import Callable
 
 import jax
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from mufun_jax import config
+
+# Names tagged with ``jax.ad_checkpoint.checkpoint_name`` in the models, for the named policies.
+ATTENTION_PROJ_NAMES = ("query_proj", "key_proj", "value_proj", "out_proj")
+LAYER_INPUT = "layer_input"  # every scanned layer's input (the scan carry)
 
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward pass
     "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls only
+    # keep the q/k/v/o projections, recompute the MLP (its (tokens x 12288) activations dominate)
+    "dots_except_mlp": jax.checkpoint_policies.save_only_these_names(*ATTENTION_PROJ_NAMES),
+    # save nothing in device memory: each layer's input goes to pinned host memory in the forward
+    # pass and comes back for the backward pass (TPU/GPU; needs host offload support)
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT], offload_src="device",
+        offload_dst="pinned_host"),
 }
 assert set(REMAT_POLICIES) == set(config.REMAT_POLICIES)
 
@@ -51,6 +63,7 @@ def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, start: in
 
     def step(c, inp):
         layer_state, x = inp
+        c = jax.tree.map(lambda a: checkpoint_name(a, LAYER_INPUT), c)  # a no-op unless a policy names it
         return body(nnx.merge(graphdef, layer_state), c, x)
 
     policy = REMAT_POLICIES[remat_policy]

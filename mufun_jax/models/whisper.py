@@ -16,8 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax.ad_checkpoint import checkpoint_name
+
 from mufun_jax.config import WhisperConfig
-from mufun_jax.models.layers import FrozenParam, LayerNorm, Linear, gelu, param
+from mufun_jax.models import attention as attention_lib
+from mufun_jax.models.layers import FrozenParam, LayerNorm, Linear, gelu, param, shard_activation
 from mufun_jax.models.scan import scan_layers, stack_layers
 
 
@@ -42,14 +45,21 @@ class WhisperAttention(nnx.Module):
         self.num_heads = cfg.encoder_attention_heads
         self.head_dim = cfg.head_dim
 
-    def __call__(self, x):
+    def __call__(self, x, impl: str = "xla"):
         b, t, _ = x.shape
-        split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
-        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        split = lambda y, name: checkpoint_name(
+            shard_activation(y.reshape(b, t, self.num_heads, self.head_dim), ("batch", None, "heads", None)), name)
+        q, k, v = split(self.q_proj(x), "query_proj"), split(self.k_proj(x), "key_proj"), split(self.v_proj(x),
+                                                                                                 "value_proj")
+        if impl != "xla":
+            implementation, interpret = attention_lib.resolve(impl)
+            out = attention_lib.dot_product_attention(q, k, v, causal=False, implementation=implementation,
+                                                      interpret=interpret)
+            return checkpoint_name(self.out_proj(out.reshape(b, t, -1)), "out_proj")
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) * self.head_dim**-0.5
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, -1)
-        return self.out_proj(out)
+        return checkpoint_name(self.out_proj(out), "out_proj")
 
 
 class WhisperEncoderLayer(nnx.Module):
@@ -64,20 +74,22 @@ class WhisperEncoderLayer(nnx.Module):
         self.fc1 = Linear(d, cfg.encoder_ffn_dim, axes=("embed", "mlp"), **kw)
         self.fc2 = Linear(cfg.encoder_ffn_dim, d, axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x):
-        x = x + self.self_attn(self.self_attn_layer_norm(x))
-        return x + self.fc2(gelu(self.fc1(self.final_layer_norm(x))))
+    def __call__(self, x, impl: str = "xla"):
+        x = x + self.self_attn(self.self_attn_layer_norm(x), impl)
+        h = shard_activation(gelu(self.fc1(self.final_layer_norm(x))), ("batch", None, "mlp"))
+        return shard_activation(x + self.fc2(h), ("batch", None, None))
 
 
 class WhisperEncoder(nnx.Module):
     def __init__(self, cfg: WhisperConfig, *, taps=None, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat_policy: str = "none", rngs: nnx.Rngs):
+                 remat_policy: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs):
         self.cfg = cfg
         self.taps = tuple(taps) if taps is not None else (cfg.encoder_layers,)
         if list(self.taps) != sorted(set(self.taps)) or self.taps[0] < 0 or self.taps[-1] > cfg.encoder_layers:
             raise ValueError(f"taps={list(self.taps)} must be strictly increasing in [0, {cfg.encoder_layers}]")
         self.dtype = dtype
         self.remat_policy = remat_policy
+        self.attention_impl = attention_impl
         d, m = cfg.d_model, cfg.num_mel_bins
         init = nnx.initializers.lecun_normal()
         # Conv kernels are stored (width, in, out); torch stores (out, in, width).
@@ -120,8 +132,9 @@ class WhisperEncoder(nnx.Module):
         x = self._conv(x, self.conv1, 1)
         x = self._conv(x, self.conv2, 2)
         x = x + self.embed_positions[...].astype(self.dtype)
+        x = shard_activation(x, ("batch", None, None))
 
-        body = lambda layer, h, _: (layer(h), None)
+        body = lambda layer, h, _: (layer(h, self.attention_impl), None)
         outs, done, n = [], 0, self.cfg.encoder_layers
         for tap in self.taps:
             if tap > done:

@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Batched inference: ``python infer.py MODEL requests.jsonl --output answers.jsonl [--score]`` (see README)."""
+
+import sys
+
+from mufun_jax.cli import infer_main
+
+if __name__ == "__main__":
+    sys.exit(infer_main())

@@ -1,0 +1,624 @@
+"""The Python inference API: load a checkpoint, then ``chat``, ``generate`` in batches, or ``score``
+multiple-choice candidates.
+
+    from mufun_jax import MuFun
+
+    model = MuFun.from_pretrained("converted/mufun-instruct", dtype="bfloat16")
+    model.chat("What genre is this?", audio_files="song.mp3", segs=[10.0, 40.0])
+    model.generate([{"prompt": "<audio>\\nDescribe the rhythm.", "audio": "a.wav"},
+                    {"prompt": "Which is faster? <audio> or <audio>", "audio": ["b.flac", "c.mp3"]}])
+    model.score("<audio>\\nWhich instrument plays?", ["piano", "guitar"], audio_files="d.wav")
+
+How a prompt is built, as the reference ``chat()`` does:
+- each audio goes to its ``<audio>`` tag, in order; a prompt without a tag and exactly one audio gets
+  the tag at its start, ``"<audio>\\n" + prompt`` (the form of the training data);
+- the text is rendered in the evaluation form of the chat template
+  (``SYSTEM + " USER: " + prompt + " ASSISTANT:"`` for ``qwen2_instruct``), split on ``<audio>`` and
+  tokenised piece by piece;
+- generation stops at the template's end token (``<|im_end|>``) or the tokenizer's eos, both looked
+  up in the tokenizer; the answer is the new tokens only, decoded without special tokens and stripped.
+
+The engine is :class:`mufun_jax.generate.Generator`: static shapes, one compile per (length
+bucket, chunk bucket), a device-side decode loop. :meth:`MuFun.iter_results` feeds it: requests are
+taken in windows of ``window`` (default 8 batches), their audio is decoded on a thread pool while
+the previous window runs on the device, each window is sorted by expanded length (longest first) so
+that batches carry little padding, and results come back in input order. A request that cannot be
+served (missing or undecodable audio, a bad segment, a tag/audio count mismatch, too long for the
+largest bucket) becomes a :class:`Result` with ``error`` set; the others complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from mufun_jax import audio as audio_lib
+from mufun_jax.config import MuFunConfig
+from mufun_jax.data.templates import AUDIO_TAG, get_template, tokenize_with_audio
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKETS = (256, 512, 1024, 2048, 4096)
+
+
+class RequestError(ValueError):
+    """A request that cannot be served; ``reason`` is a short key (``missing_file``, ``too_long``, ...)."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class Result:
+    """The outcome of one request. ``error`` (a reason key) and ``message`` are set when it failed."""
+
+    id: Any
+    text: str | None = None  # the answer; in score mode, the candidate with the highest total
+    token_ids: list[int] | None = None  # generated ids, the stop token included when finish_reason == "stop"
+    logprobs: list[float] | None = None  # log p of each generated token under the untempered model
+    finish_reason: str | None = None  # "stop" | "length"
+    candidates: list | None = None  # score mode: the candidates, as given
+    scores: list | None = None  # score mode: one generate.ScoreOutput per candidate
+    error: str | None = None
+    message: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_json(self) -> dict:
+        """The record ``infer.py`` writes."""
+        if self.error is not None:
+            return {"id": self.id, "error": self.error, "message": self.message}
+        if self.scores is None:
+            return {"id": self.id, "answer": self.text, "finish_reason": self.finish_reason,
+                    "num_tokens": len(self.token_ids or ())}
+        best = max(range(len(self.scores)), key=lambda j: self.scores[j].total)
+        return {"id": self.id, "answer": self.text, "answer_index": best,
+                "scores": [{"candidate": c, "total": s.total, "mean": s.mean,
+                            "token_logprobs": [float(x) for x in s.token_logprobs]}
+                           for c, s in zip(self.candidates, self.scores)]}
+
+
+@dataclasses.dataclass
+class _Prepared:
+    index: int
+    id: Any
+    prompt_text: str = ""
+    input_ids: list[int] = dataclasses.field(default_factory=list)
+    audios: list = dataclasses.field(default_factory=list)  # per audio: list of 16 kHz 1-D chunks
+    seed: int = 0
+    max_new_tokens: int | None = None
+    candidates: list | None = None
+    length: int = 0  # prompt length after audio expansion (plus the longest candidate when scoring)
+    error: RequestError | None = None
+    raw: tuple = ()  # (audio, time, audio_root) until the audio is loaded
+    candidates_ids: list | None = None
+
+
+def _segments(time, n_audios: int) -> list:
+    """``None`` | ``[s, e]`` (one audio) | ``[[s, e] | None, ...]`` (one per audio) -> one entry per audio."""
+    from mufun_jax.data.dataset import _segments as dataset_segments
+
+    try:
+        return dataset_segments(time, n_audios)
+    except Exception as e:  # dataset's own skip exception carries a reason
+        raise RequestError(getattr(e, "reason", "bad_time"), str(e)) from None
+
+
+def parse_request(req, index: int = 0) -> dict:
+    """Normalise one request to ``{"id", "prompt", "audio": [...], "time", "seed", "max_new_tokens",
+    "candidates"}``. Accepted forms:
+
+    - a string: the prompt, no audio;
+    - ``{"prompt": str, "audio": path | [paths] | None, "time": segs, ...}`` (``audio_files`` and
+      ``segs`` are accepted as aliases, as in ``chat``);
+    - the training-data schema ``{"id", "audio", "time", "conversations": [{"from": "human",
+      "value": prompt}, ...]}``: the first human turn is the prompt.
+
+    Optional keys: ``id`` (default: the index), ``seed``, ``max_new_tokens``, ``candidates``.
+    An audio is a file path (relative ones resolve against ``audio_root``) or a 1-D float array of
+    16 kHz samples."""
+    if isinstance(req, str):
+        return {"id": index, "prompt": req, "audio": [], "time": None, "seed": None, "max_new_tokens": None,
+                "candidates": None}
+    if not isinstance(req, dict):
+        raise RequestError("malformed_record", f"request {index}: expected a string or an object, got "
+                                               f"{type(req).__name__}")
+    rid = req.get("id", index)
+    prompt = req.get("prompt")
+    if prompt is None and "conversations" in req:
+        conv = req["conversations"]
+        human = [m for m in conv if isinstance(m, dict) and m.get("from") == "human"] if isinstance(conv, list) else []
+        if not human:
+            raise RequestError("bad_conversation", f"request {rid}: 'conversations' has no human turn")
+        prompt = human[0].get("value")
+    if not isinstance(prompt, str):
+        raise RequestError("malformed_record", f"request {rid}: needs a string 'prompt' or a 'conversations' list")
+    audio = req.get("audio", req.get("audio_files"))
+    if audio is None:
+        audio = []
+    elif isinstance(audio, (str, os.PathLike)) or (isinstance(audio, np.ndarray) and audio.ndim == 1):
+        audio = [audio]
+    else:
+        audio = list(audio)
+    if not all(isinstance(a, (str, os.PathLike, np.ndarray)) for a in audio):
+        raise RequestError("malformed_record", f"request {rid}: 'audio' must be a path or a list of paths")
+    cands = req.get("candidates")
+    if cands is not None and not (isinstance(cands, (list, tuple)) and all(
+            isinstance(c, str) or (isinstance(c, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in c))
+            for c in cands)):
+        raise RequestError("malformed_record", f"request {rid}: 'candidates' must be a list of strings")
+    seed, mnt = req.get("seed"), req.get("max_new_tokens")
+    for name, v in (("seed", seed), ("max_new_tokens", mnt)):
+        if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0):
+            raise RequestError("malformed_record", f"request {rid}: '{name}' must be a non-negative int")
+    return {"id": rid, "prompt": prompt, "audio": audio, "time": req.get("time", req.get("segs")), "seed": seed,
+            "max_new_tokens": mnt, "candidates": None if cands is None else list(cands)}
+
+
+def load_request_audio(audio: Sequence, time, audio_root=None) -> list[list[np.ndarray]]:
+    """Decode (and crop) each audio of a request into its 30 s chunks of 16 kHz samples."""
+    segs = _segments(time, len(audio))
+    out = []
+    for a, seg in zip(audio, segs):
+        try:
+            if isinstance(a, np.ndarray):
+                x = np.asarray(a, np.float32)
+                if x.ndim != 1:
+                    raise audio_lib.AudioError("undecodable", f"an audio array must be 1-D 16 kHz samples, "
+                                                              f"got shape {x.shape}")
+                x = audio_lib.crop(x, audio_lib.SAMPLE_RATE, seg, "audio array")
+                if x.size == 0:
+                    raise audio_lib.AudioError("empty_audio", "audio array: no samples")
+            else:
+                p = Path(a)
+                if audio_root is not None and not p.is_absolute():
+                    p = Path(audio_root) / p
+                x = audio_lib.load_audio(p, seg)
+        except audio_lib.AudioError as e:
+            raise RequestError(e.reason, str(e)) from None
+        out.append(audio_lib.chunk(x))
+    return out
+
+
+def _resolve_dtype(name):
+    if name is None:
+        return None
+    import jax.numpy as jnp
+
+    return jnp.dtype(name).name
+
+
+def _place(arr, sharding):
+    import jax
+
+    return jax.device_put(arr, sharding)
+
+
+class MuFun:
+    """A MuFun model ready for inference: the nnx model, its tokenizer, the chat template and a
+    batched :class:`~mufun_jax.generate.Generator`. Build it with :meth:`from_pretrained`, or wrap
+    an in-memory :class:`mufun_jax.models.MuFun` with ``MuFun(model, tokenizer)``.
+
+    ``batch_size`` rows run together; ``max_new_tokens`` is the default cap and sizes the KV cache
+    (a call asking for more gets a second generator, compiled once); ``buckets`` are the padded
+    prompt lengths (default: 256 ... up to the config's ``tokenizer_model_max_length``);
+    ``generator_kw`` go to :class:`~mufun_jax.generate.Generator` (``max_chunks``,
+    ``max_batch_chunks``, ``chunk_buckets``, ``prefill_chunk``). ``audio_root`` resolves relative
+    audio paths; ``workers`` threads decode audio."""
+
+    def __init__(self, model, tokenizer, *, template: str = "qwen2_instruct", batch_size: int = 8,
+                 max_new_tokens: int = 512, buckets: Sequence[int] | None = None, audio_root=None,
+                 workers: int | None = None, window: int | None = None, **generator_kw):
+        from mufun_jax.generate import Generator
+
+        self.model = model
+        self.cfg: MuFunConfig = model.cfg
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        if self.template.name == "pretrain":
+            raise ValueError("the pretrain template drops the question; use qwen2_instruct or qwen2_base")
+        self.audio_root = audio_root
+        self.workers = max(1, workers if workers is not None else min(8, os.cpu_count() or 1))
+        if buckets is None:
+            limit = self.cfg.tokenizer_model_max_length
+            buckets = tuple(b for b in DEFAULT_BUCKETS if b < limit) + (limit,)
+        self.window = int(window) if window is not None else 8 * int(batch_size)
+        self._gen_kw = dict(batch_size=batch_size, buckets=tuple(buckets), **generator_kw)
+        self.stop_ids = self._stop_ids()
+        self.generator = Generator(model, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids,
+                                   pad_token_id=self.cfg.pad_token_id, **self._gen_kw)
+        self._generators = {self.generator.max_new_tokens: self.generator}
+        if len(tokenizer) > self.cfg.qwen3.vocab_size:
+            log.warning("the tokenizer has %d tokens but the model's vocabulary only %d", len(tokenizer),
+                        self.cfg.qwen3.vocab_size)
+
+    # -- loading -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None,
+                        tokenizer=None, **kw) -> "MuFun":
+        """Load a converted directory (``convert_weights.py import`` or train.py's ``OUTPUT_DIR/model``)
+        or a PyTorch MuFun directory (the released combined checkpoint, or the per-component folders;
+        converted in memory one tensor at a time, safetensors without torch).
+
+        ``dtype`` is the compute dtype (default: the checkpoint config's); parameters are held in
+        ``param_dtype`` (default: ``dtype``, as the reference loads with ``torch_dtype``). ``mesh``
+        (a ``(data, fsdp, tensor)`` mesh from :func:`mufun_jax.sharding.make_mesh`) shards the
+        parameters by their logical axes; without it they go to the default device. ``tokenizer``:
+        a tokenizer or a directory (default: the checkpoint's own files). Other keywords go to the
+        constructor."""
+        from mufun_jax.data.dataset import dataset_tokenizer
+
+        path = Path(path)
+        model = load_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            tok_dir = Path(tokenizer) if tokenizer is not None else path
+            if not any((tok_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+                raise FileNotFoundError(f"{tok_dir}: no tokenizer files; pass tokenizer=DIR")
+            tokenizer = dataset_tokenizer(tok_dir)
+        return cls(model, tokenizer, **kw)
+
+    def _stop_ids(self) -> list[int]:
+        tok = self.tokenizer
+        vocab = tok.get_vocab()
+        ids = []
+        for t in ("<|im_end|>", self.template.end_token, tok.eos_token):
+            if t and t in vocab and vocab[t] not in ids:
+                ids.append(int(vocab[t]))
+        if tok.eos_token_id is not None and int(tok.eos_token_id) not in ids:
+            ids.append(int(tok.eos_token_id))
+        return ids
+
+    def _generator(self, cap: int):
+        from mufun_jax.generate import Generator
+
+        if cap <= self.generator.max_new_tokens:
+            return self.generator
+        size = 1 << (cap - 1).bit_length()
+        if size not in self._generators:
+            self._generators[size] = Generator(self.model, max_new_tokens=size, eos_token_id=self.stop_ids,
+                                               pad_token_id=self.cfg.pad_token_id, **self._gen_kw)
+        return self._generators[size]
+
+    # -- prompts -----------------------------------------------------------------------------------
+
+    def build_prompt(self, prompt: str, n_audios: int) -> str:
+        """The template's evaluation form of ``prompt``, with ``<audio>\\n`` put first when the prompt
+        has no tag and there is one audio."""
+        if AUDIO_TAG not in prompt and n_audios == 1:
+            prompt = prompt + "\n" + AUDIO_TAG
+        n_tags = prompt.count(AUDIO_TAG)
+        if n_tags != n_audios:
+            raise RequestError("audio_tag_mismatch", f"the prompt has {n_tags} <audio> tags for {n_audios} audios")
+        return self.template.render([(prompt, None)])
+
+    def _candidate_ids(self, prompt_text: str, prompt_ids: list[int], cand, end_token: bool) -> list[int]:
+        if not isinstance(cand, str):
+            ids = [int(t) for t in cand]
+        else:
+            # In training text the answer follows " ASSISTANT: ", so the space belongs to its first token.
+            full = tokenize_with_audio(prompt_text + " " + cand, self.tokenizer)
+            if full[:len(prompt_ids)] == prompt_ids and len(full) > len(prompt_ids):
+                ids = full[len(prompt_ids):]
+            else:
+                ids = list(self.tokenizer(" " + cand, add_special_tokens=False).input_ids)
+            if end_token and self.template.end_token:
+                ids += list(self.tokenizer(self.template.end_token, add_special_tokens=False).input_ids)
+        if not ids:
+            raise RequestError("bad_candidate", f"candidate {cand!r} has no tokens")
+        return ids
+
+    def decode(self, token_ids: Sequence[int], finish_reason: str | None = None) -> str:
+        ids = [int(t) for t in token_ids]
+        if finish_reason == "stop" and ids:
+            ids = ids[:-1]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    # -- the pipeline ------------------------------------------------------------------------------
+
+    def _prepare_text(self, req, index: int, seed: int, audio_root) -> _Prepared:
+        try:
+            r = parse_request(req, index)
+        except RequestError as e:
+            rid = req.get("id", index) if isinstance(req, dict) else index
+            return _Prepared(index, rid, error=e)
+        p = _Prepared(index, r["id"], seed=seed if r["seed"] is None else int(r["seed"]),
+                      max_new_tokens=r["max_new_tokens"], candidates=r["candidates"])
+        try:
+            p.prompt_text = self.build_prompt(r["prompt"], len(r["audio"]))
+            p.input_ids = tokenize_with_audio(p.prompt_text, self.tokenizer)
+            _segments(r["time"], len(r["audio"]))  # fail before decoding anything
+        except RequestError as e:
+            p.error = e
+        p.raw = (r["audio"], r["time"], audio_root)
+        return p
+
+    @staticmethod
+    def _load(p: _Prepared) -> _Prepared:
+        if p.error is None:
+            try:
+                p.audios = load_request_audio(*p.raw)
+            except RequestError as e:
+                p.error = e
+        return p
+
+    def _check(self, p: _Prepared, score: bool, end_token: bool) -> None:
+        from mufun_jax.generate import Request
+
+        if p.error is not None:
+            return
+        try:
+            if score:
+                if not p.candidates:
+                    raise RequestError("no_candidates", "score mode needs a non-empty 'candidates' list")
+                p.candidates_ids = [self._candidate_ids(p.prompt_text, p.input_ids, c, end_token)
+                                    for c in p.candidates]
+                extra = max(len(c) for c in p.candidates_ids)
+            else:
+                extra = 0
+            p.length = self.generator.check(Request(p.input_ids, p.audios)) + extra
+            if p.length > self.generator.buckets[-1]:
+                raise ValueError(f"prompt + longest candidate has {p.length} tokens after audio expansion, more "
+                                 f"than the largest bucket {self.generator.buckets[-1]}")
+        except RequestError as e:
+            p.error = e
+        except ValueError as e:
+            p.error = RequestError("too_long", str(e).removeprefix("request 0: "))
+
+    def _windows(self, items: list, seed: int, audio_root) -> Iterator[list[_Prepared]]:
+        """Windows of prepared requests; the next window's audio decodes while the caller works."""
+        with ThreadPoolExecutor(self.workers) as pool:
+            def submit(start):
+                chunk = [self._prepare_text(r, start + i, seed, audio_root)
+                         for i, r in enumerate(items[start:start + self.window])]
+                return [pool.submit(self._load, p) for p in chunk]
+
+            pending = submit(0) if items else None
+            for start in range(0, len(items), self.window):
+                current = [f.result() for f in pending]
+                nxt = start + self.window
+                pending = submit(nxt) if nxt < len(items) else None
+                yield current
+
+    def iter_results(self, requests: Iterable, *, score: bool = False, max_new_tokens: int | None = None,
+                     temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
+                     end_token: bool = False, audio_root=None, progress: bool = False) -> Iterator[Result]:
+        """One :class:`Result` per request, in input order, never raising for a bad request. With
+        ``score`` each request needs ``candidates`` and gets their scores (see :meth:`score`)."""
+        from tqdm.auto import tqdm
+
+        items = list(requests)
+        top_p = 1.0 if top_p is None else float(top_p)
+        top_k = 0 if top_k is None else int(top_k)
+        if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
+            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got temperature={temperature}, "
+                             f"top_p={top_p}, top_k={top_k}")
+        default_cap = self.generator.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if default_cap < 1:
+            raise ValueError(f"max_new_tokens={default_cap} must be >= 1")
+        root = self.audio_root if audio_root is None else audio_root
+        with tqdm(total=len(items), desc="score" if score else "generate", unit="req", disable=not progress) as bar:
+            for window in self._windows(items, seed, root):
+                for p in window:
+                    self._check(p, score, end_token)
+                good = sorted((p for p in window if p.error is None), key=lambda p: -p.length)
+                out: dict[int, Result] = {}
+                if score:
+                    for p in good:
+                        out[p.index] = self._score_one(p)
+                elif good:
+                    out.update(self._generate_many(good, default_cap, temperature, top_p, top_k))
+                for p in window:
+                    if p.error is not None:
+                        yield Result(p.id, error=p.error.reason, message=str(p.error))
+                    else:
+                        yield out[p.index]
+                bar.update(len(window))
+
+    def _generate_many(self, good: list[_Prepared], default_cap, temperature, top_p, top_k) -> dict[int, Result]:
+        from mufun_jax.generate import Request
+
+        caps = [default_cap if p.max_new_tokens is None else p.max_new_tokens for p in good]
+        gen = self._generator(max(max(caps), 1))
+        reqs = [Request(p.input_ids, p.audios, seed=p.seed, max_new_tokens=c) for p, c in zip(good, caps)]
+        outs = gen.generate(reqs, max_new_tokens=max(max(caps), 1), temperature=temperature, top_k=top_k,
+                            top_p=top_p)
+        res = {}
+        for p, o in zip(good, outs):
+            ids = [int(t) for t in o.token_ids]
+            res[p.index] = Result(p.id, text=self.decode(ids, o.finish_reason), token_ids=ids,
+                                  logprobs=[float(x) for x in o.logprobs], finish_reason=o.finish_reason)
+        return res
+
+    def _score_one(self, p: _Prepared) -> Result:
+        from mufun_jax.generate import Request
+
+        scores = self.generator.score(Request(p.input_ids, p.audios), p.candidates_ids)
+        best = max(range(len(scores)), key=lambda j: scores[j].total)
+        c = p.candidates[best]
+        return Result(p.id, text=c if isinstance(c, str) else self.tokenizer.decode(c, skip_special_tokens=True),
+                      candidates=p.candidates, scores=scores)
+
+    # -- public calls ------------------------------------------------------------------------------
+
+    def generate(self, requests: Iterable, *, max_new_tokens: int | None = None, temperature: float = 0.0,
+                 top_p: float | None = None, top_k: int | None = None, seed: int = 0, return_details: bool = False,
+                 audio_root=None, progress: bool = False) -> list:
+        """Answer many requests in batches (see :func:`parse_request` for the request forms).
+        Returns the answers in input order; a request that cannot be served raises
+        :class:`RequestError`. With ``return_details`` it returns :class:`Result` objects instead
+        (token ids, log-probs, finish reason) and failed requests carry ``error`` rather than raise.
+        A request's ``seed`` (default ``seed``) drives its sampling, so it does not depend on the
+        batch it lands in; ``temperature == 0`` is greedy."""
+        results = list(self.iter_results(requests, max_new_tokens=max_new_tokens, temperature=temperature,
+                                         top_p=top_p, top_k=top_k, seed=seed, audio_root=audio_root,
+                                         progress=progress))
+        if return_details:
+            return results
+        for r in results:
+            if r.error is not None:
+                raise RequestError(r.error, f"request {r.id}: {r.message}")
+        return [r.text for r in results]
+
+    def chat(self, prompt: str, audio_files=None, segs=None, max_new_tokens: int = 512, temperature: float = 0.0,
+             top_p: float | None = None, top_k: int | None = None, seed: int = 0) -> str:
+        """One answer, as the reference ``model.chat(prompt, audio_files, segs)``: ``audio_files`` is
+        None, a path (or a 1-D 16 kHz array) or a list of them; ``segs`` is None, ``[start, end]``
+        seconds (one audio) or one ``[start, end]`` / None per audio. Greedy at ``temperature == 0``."""
+        r = self.generate([{"prompt": prompt, "audio": audio_files, "time": segs}], max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, return_details=True)[0]
+        if r.error is not None:
+            raise RequestError(r.error, r.message)
+        return r.text
+
+    def score(self, prompt: str, candidates: Sequence, audio_files=None, segs=None, *, end_token: bool = False):
+        """Log-likelihood of each candidate answer after the chat prompt (teacher-forced, one forward
+        pass per ``batch_size`` candidates). Returns one :class:`~mufun_jax.generate.ScoreOutput` per
+        candidate: ``total`` (sum of log-probs), ``token_logprobs`` and ``mean``. For multiple choice
+        (MuCUE style) the most likely option is ``argmax(total)``. A candidate is a string (tokenised
+        as it follows ``"ASSISTANT:"`` in training text, i.e. with its leading space) or a list of token
+        ids; ``end_token`` appends the template's end token to string candidates."""
+        r = next(self.iter_results([{"prompt": prompt, "audio": audio_files, "time": segs,
+                                     "candidates": list(candidates)}], score=True, end_token=end_token))
+        if r.error is not None:
+            raise RequestError(r.error, r.message)
+        return r.scores
+
+
+# -- loading weights -------------------------------------------------------------------------------
+
+
+def _shardings(abstract, mesh) -> dict:
+    """A NamedSharding per variable from its logical axes (nested like ``nnx.to_pure_dict``)."""
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from mufun_jax.sharding import logical_to_spec
+
+    out: dict = {}
+    for path, v in nnx.iter_graph(abstract):
+        if isinstance(v, nnx.Variable):
+            node = out
+            keys = [str(p) for p in path]
+            for k in keys[:-1]:
+                node = node.setdefault(k, {})
+            axes = v.get_metadata("logical_axes", None) or (None,) * len(v.shape)
+            node[keys[-1]] = NamedSharding(mesh, logical_to_spec(axes, shape=v.shape, mesh=mesh))
+    return out
+
+
+def load_model(path, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None):
+    """A :class:`mufun_jax.models.MuFun` with the weights of a converted or a PyTorch MuFun directory
+    (see :meth:`MuFun.from_pretrained`). No random initialisation runs: the module is built
+    abstractly and each parameter is read, cast and placed one at a time."""
+    import jax
+    from flax import nnx
+
+    from mufun_jax import models
+    from mufun_jax.torch_files import CheckpointError
+    from mufun_jax.weights import CONFIG_NAME, PARAMS_DIR, load_config, open_source
+
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory")
+    converted = (path / PARAMS_DIR).is_dir() and (path / CONFIG_NAME).exists()
+    if converted:
+        cfg, sources = load_config(path), None
+    else:
+        try:
+            cfg, sources, _ = open_source(path)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: neither a converted MuFun directory ({CONFIG_NAME} + {PARAMS_DIR}/) nor "
+                                  f"a PyTorch MuFun checkpoint: {e}") from e
+    dtype = _resolve_dtype(dtype) or cfg.dtype
+    cfg = cfg.replace(dtype=dtype, param_dtype=_resolve_dtype(param_dtype) or dtype, remat_policy="none")
+    abstract = nnx.eval_shape(lambda: models.MuFun(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    want = {tuple(str(p) for p in path_): (tuple(v.shape), v.dtype) for path_, v in nnx.iter_graph(abstract)
+            if isinstance(v, nnx.Variable)}
+    if mesh is not None:
+        sh = _shardings(abstract, mesh)
+        sharding_of = lambda p: _get(sh, p)
+    else:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding_of = lambda p: dev
+    if converted:
+        params = _read_converted(path, want, sharding_of)
+    else:
+        params = _read_torch(path, cfg, sources, want, sharding_of)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def _get(tree, path):
+    for k in path:
+        tree = tree[k]
+    return tree
+
+
+def _read_converted(path: Path, want: dict, sharding_of) -> dict:
+    import jax
+
+    from mufun_jax.torch_files import CheckpointError
+    from mufun_jax.weights import _restore, param_metadata
+
+    meta = param_metadata(path)
+    missing = sorted(set(want) - set(meta))
+    wrong = [(p, meta[p][0], want[p][0]) for p in want if p in meta and meta[p][0] != want[p][0]]
+    if missing or wrong:
+        raise CheckpointError(f"{path}: parameters do not match {path}/mufun_config.json: missing "
+                              f"{['.'.join(p) for p in missing[:5]]}, shape mismatches "
+                              f"{[('.'.join(p), h, w) for p, h, w in wrong[:5]]}")
+    # Orbax reads each leaf straight into the wanted dtype and placement; extra leaves are skipped.
+    import orbax.checkpoint.experimental.v1 as ocp
+
+    return _restore(path, meta, lambda p, shape, dt: jax.ShapeDtypeStruct(shape, want[p][1], sharding=sharding_of(p))
+                    if p in want else ocp.PLACEHOLDER)
+
+
+def _read_torch(path: Path, cfg: MuFunConfig, sources: dict, want: dict, sharding_of) -> dict:
+    """Stream the torch tensors through the converter's rules: one stacked parameter at a time is
+    built on the host, cast and placed, so peak host memory is about one parameter."""
+    from mufun_jax.convert import COMPONENTS, FLAX_ROOT, rules
+    from mufun_jax.torch_files import CheckpointError
+    from mufun_jax.weights import _check_keys, _torch_shape
+
+    for comp, source in sources.items():
+        _check_keys(comp, source, cfg, str(getattr(source.index, "where", path)))
+    out: dict = {}
+    for comp in COMPONENTS:
+        source = sources[comp]
+        for rule in rules(cfg, comp):
+            p = (FLAX_ROOT[comp],) + rule.path
+            shape, dt = want[p]
+            expect = _torch_shape(rule, shape)
+            keys = [source.key_map[k] for k in rule.torch_keys()]
+            host = None
+            for i, key in enumerate(keys):
+                got = tuple(source.shape(key))
+                if got != expect:
+                    raise CheckpointError(f"{source.where(key)}: tensor {key!r} has shape {got}, but the config "
+                                          f"needs {expect}")
+                t = source.read(key)
+                if rule.layers is None:
+                    host = rule.to_flax(t)
+                    break
+                if host is None:
+                    host = np.empty(shape, t.dtype)
+                rule.to_flax(t.astype(host.dtype, copy=False), host[i])
+                del t
+            node = out
+            for k in p[:-1]:
+                node = node.setdefault(k, {})
+            node[p[-1]] = _place(host.astype(dt, copy=False), sharding_of(p))
+            del host
+    return out
