@@ -295,7 +295,7 @@ class MuFun:
         """The template's evaluation form of ``prompt``, with ``<audio>\\n`` put first when the prompt
         has no tag and there is one audio."""
         if AUDIO_TAG not in prompt and n_audios == 1:
-            prompt = prompt + "\n" + AUDIO_TAG
+            prompt = AUDIO_TAG + "\n" + prompt
         n_tags = prompt.count(AUDIO_TAG)
         if n_tags != n_audios:
             raise RequestError("audio_tag_mismatch", f"the prompt has {n_tags} <audio> tags for {n_audios} audios")

@@ -506,6 +506,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
     writer = MetricsWriter(local, enabled=main)
     bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=not (cfg.progress and main), unit="step")
     metrics: dict = {}
+    last_eval = None
     step = start
     t_last, tokens_since = time.perf_counter(), 0
     try:
@@ -549,17 +550,19 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
             if step % cfg.save_every == 0 or step == cfg.max_steps:
                 save_checkpoint(mngr, step, state, loader.get_state())
             if cfg.data.eval_dataset and cfg.eval_every and step % cfg.eval_every == 0:
-                writer.write(step, evaluate(trainer, state, cfg, tokenizer))
+                last_eval = (step, evaluate(trainer, state, cfg, tokenizer))
+                writer.write(step, last_eval[1])
             if on_step is not None:
                 on_step(step, m)
         if mngr.latest_step() != step:
             save_checkpoint(mngr, step, state, loader.get_state())
         mngr.wait_until_finished()
         if cfg.data.eval_dataset:
-            ev = evaluate(trainer, state, cfg, tokenizer)
-            writer.write(step, ev)
-            metrics = {**metrics, **ev}
-            log.info("eval loss at step %d: %.4f", step, ev["eval_loss"])
+            if last_eval is None or last_eval[0] != step:
+                last_eval = (step, evaluate(trainer, state, cfg, tokenizer))
+                writer.write(step, last_eval[1])
+            metrics = {**metrics, **last_eval[1]}
+            log.info("eval loss at step %d: %.4f", step, last_eval[1]["eval_loss"])
         export_model(state, model_cfg, tokenizer, out / "model")
         if loader.counter:
             log.warning("skipped samples:\n%s", loader.counter.report())

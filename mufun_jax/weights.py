@@ -346,8 +346,17 @@ def _total_bytes(cfg, shapes, sources, target) -> int:
 # -- loading and export --------------------------------------------------------------------
 
 
+def _location(path: str | Path):
+    """A local path made absolute (Orbax needs it), or a ``gs://...`` URL as an ``epath.Path``."""
+    if "://" in str(path):
+        from etils import epath
+
+        return epath.Path(str(path))
+    return Path(path).resolve()
+
+
 def load_config(path: str | Path) -> MuFunConfig:
-    path = Path(path)
+    path = _location(path)
     if not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{path}: not a converted MuFun directory (no {PARAMS_DIR}/); run convert_weights.py "
                               "import first")
@@ -358,7 +367,7 @@ def param_metadata(path: str | Path) -> dict[FlaxPath, tuple[tuple[int, ...], np
     import jax
     import orbax.checkpoint.experimental.v1 as ocp
 
-    meta = ocp.metadata(Path(path).resolve() / PARAMS_DIR).metadata  # Orbax wants absolute paths
+    meta = ocp.metadata(_location(path) / PARAMS_DIR).metadata
     flat = jax.tree_util.tree_flatten_with_path(meta, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {tuple(k.key for k in kp): (tuple(v.shape), np.dtype(v.dtype)) for kp, v in flat}
 
@@ -374,7 +383,7 @@ def _restore(path: str | Path, meta, leaf) -> dict:
         for k in p[:-1]:
             node = node.setdefault(k, {})
         node[p[-1]] = leaf(p, shape, dtype)
-    return ocp.load(Path(path).resolve() / PARAMS_DIR, abstract)
+    return ocp.load(_location(path) / PARAMS_DIR, abstract)
 
 
 def _cpu():

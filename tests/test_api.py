@@ -103,6 +103,16 @@ def test_converted_and_torch_dirs_give_the_same_model(setup):
     assert mine.token_ids == theirs.token_ids and mine.text == theirs.text
     assert len(mine.token_ids) >= 3 and mine.text
 
+    from jax.sharding import NamedSharding
+
+    from mufun_jax.sharding import make_mesh
+
+    meshed = mufun_jax.MuFun.from_pretrained(d / "conv", mesh=make_mesh(1, 1, 1), **KW)
+    leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(meshed.model)))[0]
+    assert all(isinstance(v.sharding, NamedSharding) for _, v in leaves)
+    for k, v in leaves:
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(b[k]), err_msg=jax.tree_util.keystr(k))
+
     bf16 = mufun_jax.MuFun.from_pretrained(d / "conv", dtype="bfloat16", **KW)
     assert {str(x.dtype) for x in jax.tree.leaves(nnx.state(bf16.model))} == {"bfloat16"}
     assert bf16.model.cfg.dtype == "bfloat16"
@@ -124,6 +134,9 @@ def test_chat_matches_the_reference_chat(setup):
     assert len(new) >= 3
     assert answer == tok.decode(new, skip_special_tokens=True).strip() != ""
     assert "ASSISTANT" not in answer and "USER" not in answer
+    mine = details(api, PROMPT, str(d / "a.wav"))
+    assert mine.token_ids == [int(t) for t in out.token_ids] and mine.text == answer
+    np.testing.assert_allclose(mine.logprobs, out.logprobs, atol=1e-6)
 
     mel = np.asarray(jax.jit(audio.log_mel_spectrogram)(audio.pad_chunks(chunks)))
     with torch.no_grad():
@@ -136,7 +149,7 @@ def test_chat_matches_the_reference_chat(setup):
     # an explicit tag at the start is the same prompt; a tag elsewhere is a different one
     assert api.chat("<audio>\n" + PROMPT, str(d / "a.wav"), max_new_tokens=MAX_NEW) == answer
     moved = details(api, PROMPT + " <audio>", str(d / "a.wav"))
-    assert not np.allclose(moved.logprobs[:3], details(api, PROMPT, str(d / "a.wav")).logprobs[:3])
+    assert not np.allclose(moved.logprobs[:3], mine.logprobs[:3])
     with pytest.raises(mufun_jax.api.RequestError, match="2 <audio> tags for 1 audios") as e:
         api.chat("<audio> and <audio>", str(d / "a.wav"), max_new_tokens=MAX_NEW)
     assert e.value.reason == "audio_tag_mismatch"

@@ -37,7 +37,7 @@ RUNNER = textwrap.dedent(r"""
                 os.kill(os.getpid(), signal.SIGKILL)
             return await original(self, *a, **k)
         atomicity.AtomicRenameTemporaryPath.finalize = finalize
-    train_lib.train(cfg, on_step=hook)
+    train_lib.train(cfg, on_step=hook, profile=mode == "profile")
     print("RUN_DONE")
 """)
 
@@ -81,7 +81,8 @@ def committed(out) -> list[int]:
 @pytest.fixture(scope="module")
 def baseline(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("baseline")
-    run(config(data, out))
+    run(config(data, out), "profile")
+    assert list((out / "profile").rglob("*.xplane.pb")), "--profile wrote no trace"
     want = dict(losses(out))
     assert sorted(want) == [1, 2, 3, 4, 5, 6]
     return want
