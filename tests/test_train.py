@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import rel_err
-from helpers import jax_mufun_from_torch
+from helpers import jax_mufun_from_torch, small_cfg
 from mufun_jax import audio
-from mufun_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX as AUDIO, preset
+from mufun_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX as AUDIO
 from mufun_jax.data.dataset import Sample
 from mufun_jax.data.packing import PackConfig, pack_batches
 from mufun_jax.sharding import make_mesh
@@ -19,7 +19,7 @@ from mufun_jax.train_config import TrainConfig
 from mufun_jax.train_lib import Trainer, loss_sums, nll_sums, next_token_targets
 from torch_reference import TorchMuFun
 
-CFG = preset("mufun-tiny")
+CFG = small_cfg()
 
 
 def make_samples(rng, n, vocab=CFG.qwen3.vocab_size):

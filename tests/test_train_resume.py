@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import tiny_train_data
+from helpers import SMALL_MODEL, small_cfg, tiny_train_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def data(tmp_path_factory):
 
 
 def config(data, out, **kw):
-    d = dict(output_dir=str(out), model={"preset": "mufun-tiny"}, max_steps=6, save_every=2, keep=5, seed=0,
+    d = dict(output_dir=str(out), model=dict(SMALL_MODEL), max_steps=6, save_every=2, keep=5, seed=0,
              progress=False, optim=dict(lr=1e-3, warmup_ratio=0.2),
              data=dict(dataset=str(data / "train.json"), tokenizer=str(data / "tok"), batch_size=2, seq_len=512,
                        max_chunks=2))
@@ -175,28 +175,37 @@ def _model_params(model_dir):
 
 
 def test_warmup_result_initialises_the_full_stage(data, tmp_path):
+    import jax
+
+    from mufun_jax.sharding import make_mesh
+    from mufun_jax.train_config import TrainConfig
+    from mufun_jax.train_lib import Trainer, combine
+
     warm, full = tmp_path / "warm", tmp_path / "full"
-    run(config(data, warm, max_steps=2, trainable={"whisper": "frozen", "connector": "full", "llm": "frozen"}))
+    warm_cfg = config(data, warm, max_steps=2, trainable={"whisper": "frozen", "connector": "full", "llm": "frozen"})
+    run(warm_cfg)
     run(config(data, full, model={}, init_from=str(warm / "model"), max_steps=1, optim=dict(lr=0.0)))
     a, b = _model_params(warm / "model"), _model_params(full / "model")
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)  # lr 0: the full stage starts exactly there
-    # and the warmup stage changed only the connector
-    fresh = tmp_path / "fresh"
-    run(config(data, fresh, max_steps=1, optim=dict(lr=0.0)))
-    c = _model_params(fresh / "model")
-    changed = {k for k in a if not np.array_equal(a[k], c[k])}
+    # and the warmup stage changed only the connector: compare with the same seed's initialisation
+    tcfg = TrainConfig.from_dict(warm_cfg)
+    tr = Trainer(tcfg, tcfg.model_config(), make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    s = tr.init_state(jax.random.key(tcfg.seed))
+    flat = jax.tree_util.tree_flatten_with_path(combine(s["params"], s["frozen"]))[0]
+    init = {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
+    assert init.keys() == a.keys()
+    changed = {k for k in a if not np.array_equal(a[k], init[k])}
     assert changed and all(k.startswith("['connector']") for k in changed), sorted(changed)
 
 
 def test_init_from_a_converted_checkpoint(data, tmp_path, torch_threads):
     """A PyTorch checkpoint -> convert_weights import -> train init_from: the weights arrive intact."""
-    from mufun_jax.config import preset
     from mufun_jax.weights import import_checkpoint
     from torch_reference import TorchMuFun
 
-    cfg = preset("mufun-tiny")
+    cfg = small_cfg()
     ref = TorchMuFun(cfg, seed=5)
     src = tmp_path / "torch"
     src.mkdir()

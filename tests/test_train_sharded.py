@@ -18,14 +18,14 @@ SCRIPT = textwrap.dedent(r"""
     jax.config.update("jax_default_matmul_precision", "highest")
     sys.path.insert(0, "tests")
     from test_train import make_samples
-    from mufun_jax.config import preset
+    from helpers import small_cfg
     from mufun_jax.data.packing import PackConfig, pack_batches
     from mufun_jax.sharding import make_mesh
     from mufun_jax.train_config import TrainConfig
     from mufun_jax.train_lib import Trainer
 
     assert jax.device_count() == 8
-    cfg = preset("mufun-tiny")
+    cfg = small_cfg()
     tcfg = TrainConfig.from_dict(dict(max_steps=10, trainable={"whisper": "frozen", "connector": "full", "llm": "full"},
                                       optim=dict(lr=1e-3, warmup_ratio=0.0, grad_accum=2, eps=1e-2),
                                       data=dict(batch_size=8, seq_len=400, max_chunks=8)))
