@@ -30,7 +30,6 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 1
     exact-match accuracy per task (chance is 1/4, 1/2 and 1/2)."""
     import collections
 
-    import numpy as np
     from flax import nnx
 
     from mufun_jax import audio

@@ -14,7 +14,6 @@ optimizer state, and ``frozen``, which are only read. Gradients are taken with r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math

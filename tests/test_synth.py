@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from mufun_jax.audio import load_audio
-from mufun_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mufun_jax.config import IMAGE_TOKEN_INDEX
 from mufun_jax.data.dataset import SkipCounter, iter_samples, read_records
 from mufun_jax.data.synth import TASKS, make_dataset
 from mufun_jax.data.templates import SYSTEM, get_template, turns_from_conversations
 from mufun_jax.data.tokenizer import build_tokenizer, corpus_for, special_ids
+from test_templates import trained_spans
 
 SR = 16000
 N_TRAIN, N_EVAL = 36, 12  # 12 clips per task in train: 3 per timbre, 6 per register / chord class
@@ -207,19 +208,6 @@ def test_tokenizer_round_trips_and_is_compact(tok):
     for text in (SYSTEM, "A plucked string.<|im_end|>", "Unseen words: Ünïcödé 音乐, tabs\tand\nnewlines  ."):
         assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
     assert len(tok(SYSTEM).input_ids) <= 35  # the prompt was in the training text: roughly a token a word
-
-
-def trained_spans(ids, labels):
-    spans, cur = [], []
-    for i, lab in zip(ids, labels):
-        if lab == IGNORE_INDEX:
-            if cur:
-                spans.append(cur)
-            cur = []
-        else:
-            assert lab == i
-            cur.append(i)
-    return spans + ([cur] if cur else [])
 
 
 def test_labels_cover_exactly_the_answer_and_end_token(data, tok):
