@@ -313,8 +313,8 @@ class MuFun:
                 ids = list(self.tokenizer(" " + cand, add_special_tokens=False).input_ids)
             if end_token and self.template.end_token:
                 ids += list(self.tokenizer(self.template.end_token, add_special_tokens=False).input_ids)
-        if not ids:
-            raise RequestError("bad_candidate", f"candidate {cand!r} has no tokens")
+        if not ids or min(ids) < 0:
+            raise RequestError("bad_candidate", f"candidate {cand!r} has no tokens, or an <audio> tag")
         return ids
 
     def decode(self, token_ids: Sequence[int], finish_reason: str | None = None) -> str:
@@ -414,7 +414,10 @@ class MuFun:
                 out: dict[int, Result] = {}
                 if score:
                     for p in good:
-                        out[p.index] = self._score_one(p)
+                        try:
+                            out[p.index] = self._score_one(p)
+                        except ValueError as e:  # the engine's own checks; none expected after _check
+                            out[p.index] = Result(p.id, error="bad_request", message=str(e))
                 elif good:
                     out.update(self._generate_many(good, default_cap, temperature, top_p, top_k))
                 for p in window:

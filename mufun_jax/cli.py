@@ -1,4 +1,5 @@
-"""Command-line front ends (``train.py`` / ``mufun-train``); the work is in the library modules."""
+"""Command-line front ends (``train.py`` / ``mufun-train``, ``infer.py`` / ``mufun-infer``); the work is in
+the library modules."""
 
 from __future__ import annotations
 
@@ -27,7 +28,13 @@ def train_main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.batch_size=16")
     ap.add_argument("--profile", action="store_true", help="write a jax.profiler trace of steps 3-5 to "
                                                            "OUTPUT_DIR/profile (open it with TensorBoard or Perfetto)")
+    ap.add_argument("--compile_only", action="store_true", help="compile the train step for --topology on this "
+                    "host (needs libtpu, no TPU), print per-chip memory and FLOPs; exit 1 if it does not fit")
+    ap.add_argument("--topology", default=None, help="TPU slice for --compile_only: v5p-128, v6e-64, v5e-256, ...")
+    ap.add_argument("--num_slices", type=int, default=1, help="slices of a multi-slice job (--compile_only)")
     args = ap.parse_args(argv)
+    if args.compile_only != (args.topology is not None):
+        ap.error("--compile_only and --topology go together")
     _logging()
 
     from mufun_jax.train_config import TrainConfig
@@ -38,6 +45,14 @@ def train_main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
+    if args.compile_only:
+        from mufun_jax.aot import train_compile_only
+
+        try:
+            return train_compile_only(cfg, args.topology, num_slices=args.num_slices)
+        except (ValueError, RuntimeError) as e:
+            print(f"train.py: error: {e}", file=sys.stderr)
+            return 2
     try:
         result = train(cfg, profile=args.profile)
     except NonFiniteLossError as e:
@@ -165,6 +180,8 @@ def infer_main(argv=None) -> int:
                 if r.error is not None:
                     failed[r.error] = failed.get(r.error, 0) + 1
                 f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+            for extra in results:  # runs the generator to its end: closes the progress bar and the audio threads
+                raise RuntimeError(f"internal error: a result with no request ({extra.id})")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, out)

@@ -26,39 +26,19 @@ def prepare(out_dir: str | Path, *, n_train: int = 960, n_eval: int = 48, seed: 
 
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 16, show: int = 8) -> int:
-    """Greedy answers for the held-out clips in one jit-compiled batch loop; prints examples and the
-    exact-match accuracy per task (chance is 1/4, 1/2 and 1/2)."""
+    """Greedy answers for the held-out clips through the batched API (``mufun_jax.MuFun``); prints
+    examples and the exact-match accuracy per task (chance is 1/4, 1/2 and 1/2)."""
     import collections
 
-    from flax import nnx
+    from mufun_jax import MuFun
 
-    from mufun_jax import audio
-    from mufun_jax.data.dataset import dataset_tokenizer
-    from mufun_jax.data.templates import get_template, tokenize_with_audio, turns_from_conversations
-    from mufun_jax.generate import Generator, Request
-    from mufun_jax.models import MuFun
-    from mufun_jax.weights import load_config, load_params
-
-    cfg = load_config(model_dir)
-    model = nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: MuFun(cfg, rngs=nnx.Rngs(0)))), load_params(model_dir))
-    tok = dataset_tokenizer(model_dir)
+    model = MuFun.from_pretrained(model_dir, batch_size=batch_size, max_new_tokens=16)
     records = json.loads((Path(data_dir) / "eval.json").read_text())
-    template = get_template("qwen2_instruct")
-    requests = []
-    for r in records:
-        question = turns_from_conversations(r["conversations"])[0][0]
-        ids = tokenize_with_audio(template.render([(question, None)]), tok)
-        requests.append(Request(ids, [audio.chunk(audio.load_audio(Path(data_dir) / r["audio"]))]))
-    stop = [tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id]
-    longest = max(len(q.input_ids) - 1 + cfg.tokens_per_chunk for q in requests)
-    gen = Generator(model, max_new_tokens=16, batch_size=batch_size, buckets=(-(-longest // 64) * 64,),
-                    eos_token_id=stop, pad_token_id=tok.pad_token_id)
-    outputs = gen.generate(requests)
-    right = collections.Counter()
-    total = collections.Counter()
+    answers = model.generate(records, audio_root=data_dir)  # training-schema records: the first question
+    right: collections.Counter = collections.Counter()
+    total: collections.Counter = collections.Counter()
     print(f"{'task':<11} {'expected':<22} answer")
-    for i, (r, out) in enumerate(zip(records, outputs)):
-        answer = tok.decode(out.token_ids, skip_special_tokens=True).strip()
+    for i, (r, answer) in enumerate(zip(records, answers)):
         total[r["task"]] += 1
         right[r["task"]] += answer == r["answer"]
         if i < show:
@@ -66,8 +46,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 1
     for task in sorted(total):
         print(f"accuracy {task:<11} {right[task]:3d}/{total[task]:<3d} = {right[task] / total[task]:.0%}")
     n_right, n = sum(right.values()), sum(total.values())
-    print(f"accuracy overall     {n_right:3d}/{n:<3d} = {n_right / n:.0%}  ({len(records)} held-out clips, "
-          f"{gen.num_compiles} compile(s))")
+    print(f"accuracy overall     {n_right:3d}/{n:<3d} = {n_right / n:.0%}  ({n} held-out clips)")
     return 0
 
 
