@@ -246,3 +246,15 @@ def test_metrics_reach_tensorboard_and_jsonl(baseline, tmp_path_factory):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all({"step", "loss", "lr", "grad_norm", "tokens_per_s", "samples"} <= set(r) for r in rows)
     assert (out / "train_config.json").exists() and (out / "model" / "params").is_dir()
+
+
+def test_the_trained_model_serves_inference(data, baseline, tmp_path_factory):
+    """train.py's OUTPUT_DIR/model loads with the inference API and answers (greedy, batched)."""
+    from mufun_jax import MuFun
+
+    out = next(p for p in Path(tmp_path_factory.getbasetemp()).glob("baseline*") if (p / "model").exists())
+    model = MuFun.from_pretrained(out / "model", tokenizer=str(data / "tok"), batch_size=2, max_new_tokens=4)
+    answers = model.generate([{"prompt": "<audio>\nHow high is the note?", "audio": str(data / f"a{i}.npy")}
+                              for i in range(3)])
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    assert answers[1] == model.chat("How high is the note?", str(data / "a1.npy"), max_new_tokens=4)
