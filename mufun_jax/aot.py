@@ -45,22 +45,24 @@ GiB = 1024**3
 
 @dataclasses.dataclass(frozen=True)
 class TpuSpec:
-    """One TPU generation. ``hbm_gib`` and ``bf16_tflops`` are per chip, from the Cloud TPU system
-    architecture pages (cloud.google.com/tpu/docs/v5p, /v6e, /v5e): v5p 95 GiB HBM2e and 459 bf16
-    TFLOP/s; v6e (Trillium) 32 GiB and 918; v5e 16 GiB and 197. The compiler's own limit is a
-    little lower (it keeps some HBM for itself); an out-of-memory message quotes it."""
+    """One TPU generation, per chip. ``hbm_gib`` and ``bf16_tflops`` are the Cloud TPU system
+    architecture pages' figures (cloud.google.com/tpu/docs/v5p, /v6e, /v5e): v5p 95 GB HBM2e and
+    459 bf16 TFLOP/s; v6e (Trillium) 32 GB and 918; v5e 16 GB and 197. ``usable_gib`` is what
+    libtpu's compiler lets a program use (its out-of-memory message quotes it: 95.74, 31.25 and
+    15.75 GiB with libtpu 0.0.42); fitting is judged against it."""
 
     kind: str  # the prefix of a topology name in get_topology_desc: "v5", "v6e", "v5e"
     chip_config: str  # "megacore" (v5p: the two TensorCores of a chip are one device) or "default"
     hbm_gib: float
+    usable_gib: float
     bf16_tflops: float
     chips_per_host: tuple[int, int, int]
 
 
 TPU_SPECS = {
-    "v5p": TpuSpec("v5", "megacore", 95.0, 459.0, (2, 2, 1)),
-    "v6e": TpuSpec("v6e", "default", 32.0, 918.0, (2, 2, 1)),
-    "v5e": TpuSpec("v5e", "default", 16.0, 197.0, (2, 2, 1)),
+    "v5p": TpuSpec("v5", "megacore", 95.0, 95.74, 459.0, (2, 2, 1)),
+    "v6e": TpuSpec("v6e", "default", 32.0, 31.25, 918.0, (2, 2, 1)),
+    "v5e": TpuSpec("v5e", "default", 16.0, 15.75, 197.0, (2, 2, 1)),
 }
 
 # Cloud TPU slice names -> (generation, physical topology). v5p slices are named by TensorCores
@@ -91,7 +93,8 @@ class Topology:
 
     @property
     def hbm_bytes(self) -> int:
-        return int(self.spec.hbm_gib * GiB)
+        """What the compiler lets one chip's program use."""
+        return int(self.spec.usable_gib * GiB)
 
 
 def _resolve_topology(name: str) -> tuple[str, str, TpuSpec]:
@@ -121,7 +124,7 @@ def _libtpu_env() -> None:
 def _quiet_stderr():
     """libtpu prints start-up warnings about a missing TPU VM environment on fd 2; hide them unless
     the call fails."""
-    fd = sys.stderr.fileno() if hasattr(sys.stderr, "fileno") else 2
+    fd = 2  # libtpu writes to the process's fd 2, whatever sys.stderr is
     try:
         saved = os.dup(fd)
     except OSError:
@@ -216,7 +219,7 @@ class _Instr:
 @dataclasses.dataclass
 class HloFlops:
     flops: float  # matmul FLOPs per device, while loops multiplied by their trip counts
-    custom_calls: int  # custom-call sites (Pallas kernels, ...): their FLOPs are not in ``flops``
+    custom_calls: int  # Pallas kernel (tpu_custom_call) sites: their FLOPs are not in ``flops``
     unknown_trip_counts: int  # while loops whose trip count could not be read (counted once)
 
 
@@ -388,8 +391,8 @@ def hlo_flops(hlo_text: str) -> HloFlops:
                 flops += _conv_flops(ins, shapes)
             elif ins.opcode == "dot":
                 flops += _dot_flops(ins, shapes)
-            elif ins.opcode == "custom-call":
-                calls += 1
+            elif ins.opcode == "custom-call" and "tpu_custom_call" in ins.attrs:
+                calls += 1  # a Pallas (Mosaic) kernel
             if ins.opcode == "while":
                 n = _trip_count(ins, comps, local)
                 unknown += n is None
@@ -493,7 +496,7 @@ class AotResult:
     num_slices: int
     chips: int
     mesh: dict
-    hbm_bytes: int  # the chip's HBM (TpuSpec)
+    hbm_bytes: int  # the chip's HBM usable by a program (TpuSpec.usable_gib)
     fits: bool
     argument_bytes: int = 0
     output_bytes: int = 0
@@ -537,15 +540,19 @@ def _memory(result: AotResult, compiled) -> None:
                          + result.code_bytes)
 
 
-_OOM = re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.I)
+_OOM = (re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.I),
+        re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)", re.I))
 
 
 def _oom_bytes(msg: str) -> tuple[int, int] | None:
-    m = _OOM.search(msg)
-    if not m:
-        return None
+    """(bytes needed, bytes available) from the TPU compiler's out-of-memory message."""
     unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    return int(float(m.group(1)) * unit[m.group(2).upper()]), int(float(m.group(3)) * unit[m.group(4).upper()])
+    for pattern in _OOM:
+        m = pattern.search(msg)
+        if m:
+            return (int(float(m.group(1)) * unit[m.group(2).upper()]),
+                    int(float(m.group(3)) * unit[m.group(4).upper()]))
+    return None
 
 
 def _compile(result: AotResult, jitted, args, mesh, *, attention_flops: float = 0.0):
@@ -621,8 +628,6 @@ def compile_train(cfg, topology: str | Topology, *, num_slices: int = 1, attenti
 
     topo = topology if isinstance(topology, Topology) else get_topology(topology, num_slices)
     model_cfg = model_cfg or _model_config_for(cfg, attention_impl)
-    if model_cfg.attention_impl in ("splash", "pallas_tpu") and topo.generation not in TPU_SPECS:
-        raise ValueError(f"attention_impl={model_cfg.attention_impl} needs a TPU topology")
     mesh = topology_mesh(topo, cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     d, a = cfg.data, cfg.optim.grad_accum
     split = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -677,7 +682,6 @@ def _attention_flops_train(model_cfg, trainable, rows, seq_len, chunks) -> float
 
 
 def _infer_functions(graphdef, max_len: int, prefill_chunk: int | None):
-    import jax
     import jax.numpy as jnp
     from flax import nnx
 
@@ -705,19 +709,20 @@ def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tok
                   chunks_per_row: int | None = None, mesh_shape: Sequence[int] = (1, 1, -1), num_slices: int = 1,
                   model_cfg=None, prefill_chunk: int | None = None) -> list[AotResult]:
     """AOT-compile the prefill (prompt of ``context`` tokens, with ``chunks_per_row`` 30 s audio
-    chunks per row, default as many as fit) and one decode step (cache of ``context + new_tokens``
+    chunks per row, default half the context) and one decode step (cache of ``context + new_tokens``
     slots) of the 8B model with bf16 weights, on a (data, fsdp, tensor) mesh (default: tensor
     parallel over every chip of a slice)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
 
     from mufun_jax import audio
     from mufun_jax.config import preset
     from mufun_jax.models import MuFun
     from mufun_jax.models.qwen3 import KVCache
-    from mufun_jax.sharding import logical_to_spec, param_shardings
+    from mufun_jax.sharding import logical_to_spec
+    from mufun_jax.train_lib import param_shardings
 
     topo = topology if isinstance(topology, Topology) else get_topology(topology, num_slices)
     model_cfg = (model_cfg or preset("mufun-8b")).replace(dtype="bfloat16", param_dtype="bfloat16", remat_policy="none")
@@ -729,10 +734,11 @@ def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tok
     chunks = batch * chunks_per_row
     max_len = context + new_tokens
     abstract = nnx.eval_shape(lambda: MuFun(model_cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef = nnx.graphdef(abstract)
     with _quiet_logging():
-        shardings = param_shardings(state, mesh)
-    state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
+        shardings = param_shardings(abstract, mesh)
+    state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+                         nnx.to_pure_dict(nnx.state(abstract)), shardings)
     prefill, decode = _infer_functions(graphdef, max_len, prefill_chunk)
 
     def sharded(shape, dtype, axes):
@@ -782,14 +788,15 @@ def _quiet_logging():
 
 def format_table(results: Sequence[AotResult]) -> str:
     gib = lambda b: f"{b / GiB:.2f}"
-    head = ("step", "topology", "mesh d/f/t", "args GiB", "out GiB", "alias GiB", "temp GiB", "peak GiB", "HBM GiB",
+    head = ("step", "topology", "mesh d/f/t", "args GiB", "out GiB", "alias GiB", "temp GiB", "peak GiB",
+            "usable GiB",
             "free", "fits", "compiled TFLOP", "model TFLOP", "ratio", "compile s")
     rows = []
     for r in results:
         topo = r.topology + (f" x{r.num_slices}" if r.num_slices > 1 else "")
         mesh = "/".join(str(r.mesh.get(k, 1)) for k in ("data", "fsdp", "tensor"))
         rows.append((r.step, topo, mesh, gib(r.argument_bytes), gib(r.output_bytes), gib(r.alias_bytes),
-                     gib(r.temp_bytes), gib(r.peak_bytes), f"{r.hbm_bytes / GiB:.0f}",
+                     gib(r.temp_bytes), gib(r.peak_bytes), f"{r.hbm_bytes / GiB:.2f}",
                      f"{100 * r.hbm_free:.0f}%", "yes" if r.fits else "NO",
                      f"{r.compiled_flops / 1e12:,.1f}" if r.compiled_flops else "-",
                      f"{r.model_flops / 1e12:,.1f}", f"{r.flops_ratio:.2f}" if r.compiled_flops else "-",
@@ -811,18 +818,53 @@ def _not_fitting(results: Sequence[AotResult]) -> str | None:
     if not bad:
         return None
     return "; ".join(f"{r.step} does not fit {r.topology}: needs {r.peak_bytes / GiB:.2f} GiB per chip of "
-                     f"{r.hbm_bytes / GiB:.0f} GiB HBM. Lower data.batch_size (raise optim.grad_accum to keep the "
-                     f"global batch), use model.remat_policy=full or offload, set loss_chunk, or use a larger slice"
+                     f"{r.hbm_bytes / GiB:.2f} GiB usable HBM. Lower data.batch_size (raise optim.grad_accum to keep "
+                     f"the global batch), use model.remat_policy=full or offload, set loss_chunk, or use a larger slice"
                      for r in bad)
 
 
 def train_compile_only(cfg, topology: str, num_slices: int = 1, attention_impl: str | None = "splash") -> int:
     """``train.py --compile_only``: compile, print the table; 0 if it fits, 1 if not."""
-    r = compile_train(cfg, topology, num_slices=num_slices, attention_impl=attention_impl)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling only: never take a local TPU
+    try:
+        r = compile_train(cfg, topology, num_slices=num_slices, attention_impl=attention_impl)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
     print(format_table([r]))
     msg = _not_fitting([r])
     if msg:
         print(f"train.py: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def infer_compile_only(topology: str, *, batch: int, context: int = 4096, new_tokens: int = 512,
+                       model: str | None = None, num_slices: int = 1, mesh_shape: Sequence[int] = (1, 1, -1),
+                       prefill_chunk: int | None = None) -> int:
+    """``infer.py --compile_only --topology NAME``: compile the prefill and a decode step of the
+    model in ``model`` (a converted directory; the mufun-8b preset when it is None or not on this
+    machine), print the table; 0 if both fit, 1 if not."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling only: never take a local TPU
+    from mufun_jax.torch_files import CheckpointError
+
+    try:
+        model_cfg = None
+        if model is not None and ("://" in str(model) or Path(model, "mufun_config.json").exists()):
+            from mufun_jax.weights import load_config
+
+            model_cfg = load_config(model)
+        elif model is not None:
+            print(f"{model} is not on this machine: compiling the mufun-8b preset", file=sys.stderr)
+        results = compile_infer(topology, batch=batch, context=context, new_tokens=new_tokens, mesh_shape=mesh_shape,
+                                num_slices=num_slices, model_cfg=model_cfg, prefill_chunk=prefill_chunk)
+    except (ValueError, FileNotFoundError, RuntimeError, CheckpointError) as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(results))
+    msg = _not_fitting(results)
+    if msg:
+        print(f"infer.py: {msg}", file=sys.stderr)
         return 1
     return 0
 
@@ -848,14 +890,17 @@ def main(argv=None) -> int:
     for p in (t, i):
         p.add_argument("--topology", required=True, help="v5p-128, v6e-64, v5e-256, ... or e.g. v5e:2x2")
         p.add_argument("--num_slices", type=int, default=1)
+        p.add_argument("--json", default=None, help="also write the results to this JSON file")
     t.add_argument("--attention_impl", default="splash", help="model attention backend for the compile "
                                                               "(default splash; 'keep' uses the config's)")
     sub.add_parser("topologies", help="list the known slice names")
     args = ap.parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling only: never take a local TPU
     if args.cmd == "topologies":
         for name, (gen, phys) in TOPOLOGIES.items():
             s = TPU_SPECS[gen]
-            print(f"{name:10s} {s.kind}:{phys:8s} {s.hbm_gib:.0f} GiB HBM/chip, {s.bf16_tflops:.0f} bf16 TFLOP/s/chip")
+            print(f"{name:10s} {s.kind}:{phys:8s} {s.hbm_gib:.0f} GB HBM/chip ({s.usable_gib} GiB usable), "
+                  f"{s.bf16_tflops:.0f} bf16 TFLOP/s/chip")
         return 0
     try:
         if args.cmd == "train":
@@ -875,9 +920,13 @@ def main(argv=None) -> int:
                                     new_tokens=args.new_tokens, chunks_per_row=args.chunks_per_row, mesh_shape=mesh,
                                     num_slices=args.num_slices, model_cfg=model_cfg,
                                     prefill_chunk=args.prefill_chunk)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"aot: error: {e}", file=sys.stderr)
         return 2
+    if args.json:
+        import json
+
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
     print(format_table(results))
     msg = _not_fitting(results)
     if msg:

@@ -109,10 +109,10 @@ def infer_main(argv=None) -> int:
         "1 some requests failed (error records in the output), 2 usage error.",
         epilog="example: python infer.py converted/mufun-instruct requests.jsonl --output answers.jsonl "
                "--audio-root data/ --batch-size 16")
-    ap.add_argument("model", help="a converted directory (convert_weights.py import, or train.py's OUTPUT_DIR/model) "
-                                  "or a PyTorch MuFun checkpoint directory")
-    ap.add_argument("input", help="requests, as a JSON list or JSONL")
-    ap.add_argument("--output", "-o", required=True, help="JSONL results (written atomically)")
+    ap.add_argument("model", nargs="?", help="a converted directory (convert_weights.py import, or train.py's "
+                                             "OUTPUT_DIR/model) or a PyTorch MuFun checkpoint directory")
+    ap.add_argument("input", nargs="?", help="requests, as a JSON list or JSONL")
+    ap.add_argument("--output", "-o", help="JSONL results (written atomically)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -125,7 +125,25 @@ def infer_main(argv=None) -> int:
                     help="compute and parameter dtype (default: the checkpoint config's)")
     ap.add_argument("--audio-root", default=None, help="directory that relative audio paths are resolved against")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tpu = ap.add_argument_group("compile only", "AOT-compile the prefill and one decode step for a TPU slice on this "
+                                "host (needs libtpu: pip install -e .[tpu]); MODEL and INPUT are not needed (MODEL, "
+                                "when given and present, supplies the config; else the mufun-8b preset)")
+    tpu.add_argument("--compile_only", action="store_true")
+    tpu.add_argument("--topology", default=None, help="v5p-128, v6e-64, v6e-8, v5e-256, ...")
+    tpu.add_argument("--num_slices", type=int, default=1)
+    tpu.add_argument("--context", type=int, default=4096, help="prompt tokens per row (audio included)")
+    tpu.add_argument("--prefill-chunk", type=int, default=None, help="prefill attention chunk (tokens)")
     args = ap.parse_args(argv)
+    if args.compile_only or args.topology is not None:
+        if not (args.compile_only and args.topology):
+            ap.error("--compile_only and --topology go together")
+        from mufun_jax.aot import infer_compile_only
+
+        return infer_compile_only(args.topology, batch=args.batch_size, context=args.context,
+                                  new_tokens=args.max_new_tokens, model=args.model, num_slices=args.num_slices,
+                                  prefill_chunk=args.prefill_chunk)
+    if args.input is None or args.output is None:
+        ap.error("MODEL, INPUT and --output are required (except with --compile_only)")
     bad = [f"{name} {why}" for name, cond, why in (
         ("--batch-size", args.batch_size < 1, "must be >= 1"),
         ("--max-new-tokens", args.max_new_tokens < 1, "must be >= 1"),

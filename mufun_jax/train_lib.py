@@ -240,6 +240,12 @@ class Trainer:
         return nnx.merge(self.graphdef, combine(params, frozen))
 
     def _train_step(self, state, batch):
+        # traced under the mesh, so the activation sharding constraints and the Pallas kernels'
+        # shard_map see it (the abstract mesh only: no concrete devices are captured)
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return self._train_step_body(state, batch)
+
+    def _train_step_body(self, state, batch):
         params, frozen = state["params"], state["frozen"]
 
         def loss_sum(p, mb):
@@ -268,17 +274,44 @@ class Trainer:
         return new_state, {"loss": loss, "label_tokens": n, "grad_norm": grad_norm}
 
     def _eval_step(self, state, batch):
-        return loss_sums(self._model(state["params"], state["frozen"]), batch, self.cfg.loss_chunk)
+        with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+            return loss_sums(self._model(state["params"], state["frozen"]), batch, self.cfg.loss_chunk)
 
     # batches -----------------------------------------------------------------------------------
 
     def global_batch(self, micro: list[dict]) -> dict:
         """Host-local micro-batches -> global arrays (accum, rows, ...) split over data x fsdp."""
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.stack([m[k] for m in micro]))
-                for k in BATCH_KEYS}
+        local = {k: np.stack([m[k] for m in micro]) for k in BATCH_KEYS}
+        local["audio_slots"] = self._global_slots(local["audio_slots"], local["waves"].shape[1], self.batch_sharding, 1)
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
 
     def global_eval_batch(self, batch: dict) -> dict:
-        return {k: jax.make_array_from_process_local_data(self.eval_sharding, batch[k]) for k in BATCH_KEYS}
+        local = dict(batch)
+        local["audio_slots"] = self._global_slots(batch["audio_slots"], batch["waves"].shape[0], self.eval_sharding, 0)
+        return {k: jax.make_array_from_process_local_data(self.eval_sharding, local[k]) for k in BATCH_KEYS}
+
+    def _global_slots(self, slots: np.ndarray, local_chunks: int, sharding, dim: int) -> np.ndarray:
+        """Each host's packer numbers the audio slots of its rows against its own chunks (from 0).
+        In the global array this host's chunks sit where its devices' shards are, so renumber the
+        slots to those global chunk positions; on one host this is the identity."""
+        if jax.process_count() == 1:
+            return slots
+
+        def spans(n):  # this host's (start, stop) along the chunk axis of a global chunk axis of n
+            shape = (1,) * dim + (n,)
+            return sorted({(ix[dim].start or 0, ix[dim].stop or n)
+                           for ix in sharding.addressable_devices_indices_map(shape).values()})
+
+        n_shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        per_shard, rest = divmod(local_chunks, len(spans(n_shards)))
+        lookup = np.concatenate([np.arange(a, b) for a, b in spans(n_shards * per_shard)])
+        if rest or len(lookup) != local_chunks:
+            raise ValueError(f"this host holds {local_chunks} audio chunks per batch, which does not split evenly over "
+                             f"its {len(spans(n_shards))} batch shards: make data.max_chunks a multiple of the "
+                             f"data x fsdp device count")
+        tpc = self.model_cfg.tokens_per_chunk
+        safe = np.maximum(slots, 0)
+        return np.where(slots >= 0, lookup[safe // tpc] * tpc + safe % tpc, -1).astype(slots.dtype)
 
 
 # -- checkpoints -----------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def baseline():
     return loss_and_grads("none")
 
 
-@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch", "dots_except_mlp", "offload"])
 def test_remat_policies_match_no_remat(baseline, policy):
     (l0, g0), jaxpr0 = baseline
     (l1, g1), jaxpr1 = loss_and_grads(policy)

@@ -42,6 +42,7 @@ Backends:
 from __future__ import annotations
 
 import functools
+import logging
 import math
 
 import jax
@@ -73,15 +74,25 @@ def resolve(impl: str) -> tuple[str, bool]:
     return ("splash", True) if impl == "splash_interpret" else (impl, False)
 
 
+_warned: list = []
+
+
 def _per_shard(fn, q, k, v, segment_ids):
     """Run a Pallas kernel on each device's shard: under an active multi-device (data, fsdp, tensor)
-    mesh (``jax.set_mesh``), ``shard_map`` over the batch (data x fsdp) and, where it divides both
-    head counts, the heads (tensor). A custom call left to the SPMD partitioner would be replicated,
-    i.e. every device would gather and compute the whole batch. Without such a mesh, ``fn`` as is."""
+    mesh (``jax.sharding.use_abstract_mesh`` or ``jax.set_mesh`` while tracing), ``shard_map`` over
+    the batch (data x fsdp) and, where it divides both head counts, the heads (tensor). A custom
+    call left to the SPMD partitioner would be replicated, i.e. every device would gather and
+    compute the whole batch. Without such a mesh, ``fn`` as is."""
     from mufun_jax.models.layers import active_mesh
 
     mesh = active_mesh()
     if mesh is None:
+        if jax.device_count() > 1 and not _warned:
+            _warned.append(True)
+            logging.getLogger(__name__).warning(
+                "a Pallas attention kernel is traced without an active mesh on %d devices: XLA will replicate it "
+                "(every device computes the whole batch). Trace under jax.sharding.use_abstract_mesh("
+                "mesh.abstract_mesh) so that it runs per shard.", jax.device_count())
         return fn(q, k, v, segment_ids)
     from jax.sharding import PartitionSpec as P
 

@@ -1,0 +1,238 @@
+"""Ahead-of-time compilation for TPU topologies on this CPU host (libtpu, no TPU): the HLO FLOP
+counter, out-of-memory reporting, the tiny model's real train step on a 4-chip v5e slice, and the
+splash attention wiring that the TPU compile uses (checked on CPU in Pallas interpret mode).
+
+The full-size 8B compiles take minutes each: they live in bench/aot_compile.py, not here."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import libtpu  # noqa: E402,F401  (in the test extra; without it TPU topologies cannot be compiled here)
+
+from mufun_jax import aot  # noqa: E402
+from mufun_jax.config import preset  # noqa: E402
+from mufun_jax.train_config import TrainConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def v5e4():
+    return aot.get_topology("v5e-4")
+
+
+def _compiled(topo, fn, *shapes_specs):
+    from jax.sharding import Mesh, NamedSharding
+
+    mesh = Mesh(np.asarray(topo.devices).reshape(-1), ("x",))
+    args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=NamedSharding(mesh, spec)) for s, spec in shapes_specs]
+    return jax.jit(fn).lower(*args).compile()
+
+
+def test_topologies_resolve():
+    assert aot._resolve_topology("v5p-128")[1] == "v5:4x4x4"
+    assert aot._resolve_topology("v6e-64")[1:] == ("v6e:8x8", aot.TPU_SPECS["v6e"])
+    assert aot._resolve_topology("v5e:2x2")[0] == "v5e"
+    with pytest.raises(ValueError, match="unknown TPU topology"):
+        aot._resolve_topology("v9-1")
+
+
+def test_hlo_flops_multiplies_loops_and_reads_tpu_convolutions(v5e4):
+    """cost_analysis() counts a scan body once; hlo_flops multiplies by the trip count, and counts
+    TPU's batched-matmul-as-dilated-convolution by its real taps."""
+    from jax.sharding import PartitionSpec as P
+
+    n = 512
+
+    def scan(a, w):
+        return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), a, w)[0].sum()
+
+    def nested(a, w):
+        return jax.lax.scan(lambda c, _: (jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), c, w)[0], None),
+                            a, None, length=3)[0].sum()
+
+    attn = lambda q, k: jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32).sum()
+    cases = [
+        (scan, [((n, n), P("x")), ((6, n, n), P())], 6 * 2 * n**3),
+        (jax.grad(scan, argnums=1), [((n, n), P("x")), ((6, n, n), P())], 3 * 6 * 2 * n**3),
+        (nested, [((n, n), P("x")), ((4, n, n), P())], 3 * 4 * 2 * n**3),
+        (attn, [((8, 256, 4, 2, 128), P("x")), ((8, 256, 4, 128), P("x"))], 2 * 8 * 4 * 2 * 256 * 256 * 128),
+    ]
+    for fn, args, want in cases:
+        c = _compiled(v5e4, fn, *args)
+        got = aot.hlo_flops(c.as_text())
+        assert got.unknown_trip_counts == 0
+        assert abs(got.flops * v5e4.chips / want - 1) < 0.01, (fn, got.flops * v5e4.chips, want)
+    # why it exists: cost_analysis sees one of the 6 iterations
+    assert _compiled(v5e4, scan, *cases[0][1]).cost_analysis()["flops"] * v5e4.chips < cases[0][2] / 5
+
+
+def test_out_of_memory_is_reported_not_raised():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    topo = aot.get_topology("v5e-1")
+    mesh = aot.topology_mesh(topo, 1, 1, 1)
+    x = jax.ShapeDtypeStruct((4, 2**30), jnp.float32, sharding=NamedSharding(mesh, P()))  # 16 GiB in, 16 out
+    r = aot.AotResult("test", topo.name, 1, 1, {}, topo.hbm_bytes, False)
+    assert aot._compile(r, jax.jit(lambda x: x * 2), (x,), mesh) is None
+    assert not r.fits and r.peak_bytes > 16 * aot.GiB and "RESOURCE_EXHAUSTED" in r.detail
+    assert "does not fit v5e-1" in aot._not_fitting([r])
+
+
+def test_tiny_train_step_compiles_for_a_v5e_slice(v5e4):
+    """The real Trainer.train_step of the tiny model, splash attention, full remat, chunked loss."""
+    from flax import nnx
+
+    from mufun_jax.models import MuFun
+
+    cfg = TrainConfig.from_dict(dict(model={"preset": "mufun-tiny", "dtype": "bfloat16", "remat_policy": "full"},
+                                     data=dict(batch_size=4, seq_len=384, max_chunks=4), loss_chunk=256,
+                                     optim=dict(grad_accum=2)))
+    keep = {}
+    # conftest's "highest" would ask Mosaic for fp32 contractions of bf16 operands, which it rejects
+    with jax.default_matmul_precision("default"):
+        r = aot.compile_train(cfg, v5e4, keep=keep)
+    assert r.fits and r.mesh == {"data": 1, "fsdp": 4, "tensor": 1}
+    # arguments: each chip holds its share of the fp32 params and Adam moments, and its batch shard
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(
+        lambda: MuFun(cfg.model_config(), rngs=nnx.Rngs(0))))))
+    batch_bytes = 2 * (5 * 4 * 384 * 4 + 4 * 480000 * 4 + 4) / 4
+    assert 3 * 4 * n_params / 4 < r.argument_bytes - batch_bytes < 3 * 4 * n_params
+    assert r.alias_bytes > 0.9 * (r.argument_bytes - batch_bytes)  # the donated state is reused
+    assert 0 < r.temp_bytes < 1 * aot.GiB and r.peak_bytes < r.hbm_bytes
+    assert r.peak_bytes == r.argument_bytes + r.output_bytes - r.alias_bytes + r.temp_bytes + r.code_bytes
+    assert r.kernel_calls > 0 and "tpu_custom_call" in keep["compiled"].as_text()  # splash, as Pallas kernels
+    assert 1.0 < r.flops_ratio < 3.0, r.flops_ratio
+    table = aot.format_table([r])
+    assert "v5e-4" in table and "1/4/1" in table
+
+
+def test_8b_model_flops_are_6nd_plus_attention():
+    cfg = preset("mufun-8b")
+    q = cfg.qwen3
+    full = {"whisper": "full", "connector": "full", "llm": "full"}
+    warm = {"whisper": "frozen", "connector": "full", "llm": "frozen"}
+    k = aot._kernel_sizes(cfg)
+    n_llm = q.num_hidden_layers * k["llm_layer"] + k["lm_head"]
+    assert 7.5e9 < n_llm < 8.3e9  # Qwen3-8B without the input embedding
+    rows, seq = 192, 4096
+    attn = 3 * 4 * rows * q.num_hidden_layers * seq**2 * q.num_attention_heads * q.head_dim
+    assert aot.train_model_flops(cfg, full, rows, seq, 0) == pytest.approx(6 * n_llm * rows * seq + attn)
+    # warmup: the frozen LLM still runs backward (input gradients) for the connector: 4ND, not 2ND
+    assert aot.train_model_flops(cfg, warm, rows, seq, 0) == pytest.approx(4 * n_llm * rows * seq + attn)
+
+
+def test_train_cli_compile_only_needs_a_topology(capsys):
+    from mufun_jax.cli import train_main
+
+    with pytest.raises(SystemExit) as e:
+        train_main(["--config", str(ROOT / "configs/demo.yaml"), "--compile_only"])
+    assert e.value.code == 2 and "--topology" in capsys.readouterr().err
+    assert aot.main(["topologies"]) == 0 and "v5p-128" in capsys.readouterr().out
+
+
+def test_train_cli_compiles_a_two_slice_job(tmp_path, capsys):
+    """``train.py --compile_only --num_slices 2``: the data axis spans the slices (DCN), fsdp stays
+    within a slice, and the tiny model's real step compiles for it."""
+    from mufun_jax.cli import train_main
+
+    topo = aot.get_topology("v5e-4", num_slices=2)
+    mesh = aot.topology_mesh(topo, 1, -1, 1)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert [{d.slice_index for d in mesh.devices[i].ravel()} for i in range(2)] == [{0}, {1}]
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {preset: mufun-tiny, dtype: bfloat16, remat_policy: full}\n"
+                      "data: {batch_size: 8, seq_len: 384, max_chunks: 8}\nloss_chunk: 256\n")
+    with jax.default_matmul_precision("default"):
+        code = train_main(["--config", str(config), "--compile_only", "--topology", "v5e-4", "--num_slices", "2"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "v5e-4 x2" in out.out and "2/4/1" in out.out
+
+
+def test_infer_cli_compiles_prefill_and_decode(tmp_path, capsys):
+    """``infer.py --compile_only``: the config comes from the model directory; no requests needed."""
+    import json
+
+    from mufun_jax.cli import infer_main
+
+    model = tmp_path / "model"
+    (model / "params").mkdir(parents=True)
+    (model / "mufun_config.json").write_text(json.dumps(preset("mufun-tiny").to_dict()))
+    with jax.default_matmul_precision("default"):
+        code = infer_main([str(model), "--compile_only", "--topology", "v5e-4", "--batch-size", "4",
+                           "--context", "640", "--max-new-tokens", "64"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "prefill" in out.out and "decode" in out.out and "v5e-4" in out.out
+    assert infer_main(["--compile_only", "--topology", "v9-8"]) == 2
+    assert "unknown TPU topology" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # requests are needed without --compile_only
+        infer_main([str(model)])
+
+
+WIRING = textwrap.dedent(r"""
+    import os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax, numpy as np
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    jax.config.update("jax_default_matmul_precision", "highest")
+    from mufun_jax.config import preset
+    from mufun_jax.models import MuFun
+    from mufun_jax.sharding import make_mesh, param_shardings
+    from mufun_jax.splice import SpliceSample, collate
+
+    cfg = preset("mufun-tiny")
+    graphdef, state = nnx.split(MuFun(cfg, rngs=nnx.Rngs(0)))
+    kernel = nnx.graphdef(nnx.eval_shape(lambda: MuFun(cfg.replace(attention_impl="splash_interpret"),
+                                                        rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+    samples = [SpliceSample([*rng.integers(1, 500, 3), -200, *rng.integers(1, 500, 4 + i)], [1]) for i in range(4)]
+    batch = collate(samples, num_chunks=4, tokens_per_chunk=cfg.tokens_per_chunk, max_length=4096, pad_token_id=0,
+                    pad_to=320)
+    batch["segment_ids"][0, 150:] = np.where(batch["segment_ids"][0, 150:] > 0, 2, 0)  # two samples in row 0
+    mel = rng.uniform(-1, 1, (4, 128, 3000)).astype(np.float32)
+
+    def fwd(gd):
+        def f(state, b, mel):
+            m = nnx.merge(gd, state)
+            return m(b["input_ids"], mel, b["audio_slots"], positions=b["positions"], segment_ids=b["segment_ids"])[0]
+        return jax.jit(f)
+
+    real = np.asarray(batch["segment_ids"]) != 0
+    want = np.asarray(fwd(graphdef)(state, batch, mel))[real]
+    mesh = make_mesh(1, 2, 2)  # batch over fsdp, heads over tensor: the kernel runs in a shard_map
+    data = NamedSharding(mesh, P(("data", "fsdp")))
+    args = (jax.device_put(state, param_shardings(state, mesh)), jax.device_put(batch, data),
+            jax.device_put(mel, data))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        f = fwd(kernel)
+        hlo = f.lower(*args).as_text()
+        got = np.asarray(f(*args))[real]
+    assert "manual_computation" in hlo or "shard_map" in hlo
+    err = float(np.abs(got - want).max() / np.abs(want).max())
+    print("rel err", err)
+    assert err < 1e-5, err
+    print("WIRING_OK")
+""")
+
+
+def test_splash_attention_in_the_models_under_a_mesh_matches_xla():
+    """attention_impl=splash_interpret (the TPU kernel, interpreted on CPU) in Whisper and Qwen3,
+    under a 2x2 (fsdp, tensor) mesh where it runs per shard, gives the xla logits."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, "-c", WIRING], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "WIRING_OK" in r.stdout, r.stdout + r.stderr[-4000:]
