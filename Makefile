@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install clean demo
+.PHONY: test install clean demo bench
 
 test: $(VENV)/.installed
 	$(PY) -m pytest tests
@@ -24,6 +24,11 @@ demo: $(VENV)/.installed
 	$(PY) train.py --config configs/demo_warmup.yaml
 	$(PY) train.py --config configs/demo.yaml
 	$(PY) -m mufun_jax.demo evaluate runs/demo/full/model runs/demo/data
+
+# JAX vs the PyTorch reference, side by side on this machine: bench/results.{json,md} (README links
+# them). Run it on a quiet machine: about 25 minutes on 2 CPU cores. Not part of `make test`.
+bench: $(VENV)/.installed
+	$(PY) bench/compare.py --repeats 3 --out bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

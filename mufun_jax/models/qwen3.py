@@ -25,7 +25,6 @@ from mufun_jax.models import attention as attention_lib
 from mufun_jax.models.layers import Embed, Linear, RMSNorm, shard_activation
 from mufun_jax.models.scan import scan_layers, stack_layers
 
-_MASKED = -1e30  # finite, so fully masked (padding) rows give uniform weights instead of NaN
 
 
 class KVCache(NamedTuple):
@@ -91,7 +90,7 @@ class Qwen3Attention(nnx.Module):
         q = checkpoint_name(shard_activation(q, ("batch", None, "heads", None)), "query_proj")
         k = checkpoint_name(shard_activation(k, ("batch", None, "kv_heads", None)), "key_proj")
         v = checkpoint_name(shard_activation(v, ("batch", None, "kv_heads", None)), "value_proj")
-        if kv is None and impl != "xla":  # training / scoring through a kernel backend
+        if kv is None:  # training / scoring: no cache, the mask comes from segment_ids
             implementation, interpret = attention_lib.resolve(impl)
             out = attention_lib.dot_product_attention(q, k, v, segment_ids=segment_ids, causal=True,
                                                       implementation=implementation, interpret=interpret)
@@ -101,12 +100,7 @@ class Qwen3Attention(nnx.Module):
             kv = (kv[0].at[rows, positions].set(k.astype(kv[0].dtype)),
                   kv[1].at[rows, positions].set(v.astype(kv[1].dtype)))
             k, v = kv[0].astype(q.dtype), kv[1].astype(q.dtype)
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * self.head_dim**-0.5
-        scores = jnp.where(mask[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads * self.head_dim)
+        out = attention_lib.masked_attention(q, k, v, mask).reshape(b, t, self.num_heads * self.head_dim)
         return checkpoint_name(self.o_proj(out), "out_proj"), kv
 
 
@@ -166,9 +160,8 @@ class Qwen3ForCausalLM(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
         impl = self.attention_impl if cache is None else "xla"
-        # a kernel backend builds its own (block-sparse) mask from segment_ids
-        mask = None if impl != "xla" else attention_mask(positions, segment_ids,
-                                                         None if cache is None else cache.max_len)
+        # without a cache the attention backend builds its mask from segment_ids (block by block)
+        mask = None if cache is None else attention_mask(positions, segment_ids, cache.max_len)
 
         def body(layer, x, kv):
             return layer(x, cos, sin, mask, positions, kv, segment_ids, impl)

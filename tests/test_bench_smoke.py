@@ -1,0 +1,61 @@
+"""Smoke test of bench/compare.py: the whole benchmark at its --tiny size, in a subprocess.
+
+It checks the structure of the result (every row, both sides, finite positive numbers), not the
+speed: --tiny --parallel timings mean nothing. Both sides' training losses must be finite and the
+two inference engines must agree on the greedy answers (same weights, fp32), so a broken side fails here.
+"""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+ROWS = {  # (row, metric) pairs that must be present with both sides
+    ("training, full", "samples/s"), ("training, full", "label tokens/s"), ("training, full", "achieved GFLOP/s"),
+    ("training, full", "process CPU s per sample"), ("training, full", "useful / computed FLOPs (padding)"),
+    ("training, warmup recipe", "samples/s"), ("training, warmup recipe", "label tokens/s"),
+    ("training, warmup recipe", "achieved GFLOP/s"), ("training, warmup recipe", "process CPU s per sample"),
+    ("inference, 3 requests", "answers/s vs chat() loop"),
+    ("inference, 3 requests", "answers/s vs HF batched generate"),
+    ("peak RSS, full training", "MB"),
+    ("input pipeline: decode + resample + log-mel", "chunks/s"),
+    ("input pipeline: log-mel only (device vs WhisperFeatureExtractor)", "chunks/s"),
+}
+
+
+def test_compare_tiny(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--tiny", "--repeats", "1", "--parallel",
+                           "--out", str(tmp_path), "--timeout", "300"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text().count("\n| ") >= len(ROWS) + 2
+
+    rows = {(r["row"], r["metric"]): r for r in res["rows"]}
+    assert ROWS <= set(rows), sorted(ROWS - set(rows))
+    for key in ROWS:
+        r = rows[key]
+        for side in ("ours", "reference"):
+            st = r[side]
+            assert len(st["values"]) == 1 and all(math.isfinite(v) and v > 0 for v in st["values"]), (key, side, st)
+        assert math.isfinite(r["ratio"]) and r["ratio"] > 0, (key, r["ratio"])
+    compile_rows = [r for r in res["rows"] if r["metric"].startswith("compile")]
+    assert len(compile_rows) == 2 and all(r["ours"]["median"] > 0 for r in compile_rows)
+    for target_row in (("training, full", "samples/s"), ("inference, 3 requests", "answers/s vs chat() loop")):
+        assert "target_met" in rows[target_row]
+
+    for side in ("ours_train", "ref_train"):
+        for mode in ("train_full", "train_warmup"):
+            run = res["raw"][side][0][mode]
+            assert run["samples"] == res["settings"]["train_samples"], (side, mode, run["samples"])
+            assert math.isfinite(run["loss_first"]) and math.isfinite(run["loss_last"]), (side, mode)
+            assert 0 < run["useful_flops"] <= run["computed_flops"], (side, mode)
+    meta = res["infer_meta"]
+    assert meta["agree_with_chat"] == {"ours": meta["requests"], "ref_batched": meta["requests"]}, meta
+    assert meta["generated_tokens"] > 0
+    for key in ("cpu_count", "loadavg_start", "loadavg_end"):
+        assert key in res["machine"]
+    for key in ("jax", "jax_backend", "torch", "torch_threads", "torch_parallel_info"):
+        assert key in res["facts"], key
