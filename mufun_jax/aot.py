@@ -823,6 +823,16 @@ def _not_fitting(results: Sequence[AotResult]) -> str | None:
                      for r in bad)
 
 
+def _report(results: Sequence[AotResult], prog: str) -> int:
+    """Print the table; 0 if every step fits, 1 (with the reason on stderr) if not."""
+    print(format_table(results))
+    msg = _not_fitting(results)
+    if msg:
+        print(f"{prog}: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def train_compile_only(cfg, topology: str, num_slices: int = 1, attention_impl: str | None = "splash") -> int:
     """``train.py --compile_only``: compile, print the table; 0 if it fits, 1 if not."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling only: never take a local TPU
@@ -831,12 +841,7 @@ def train_compile_only(cfg, topology: str, num_slices: int = 1, attention_impl: 
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
-    print(format_table([r]))
-    msg = _not_fitting([r])
-    if msg:
-        print(f"train.py: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return _report([r], "train.py")
 
 
 def infer_compile_only(topology: str, *, batch: int, context: int = 4096, new_tokens: int = 512,
@@ -861,12 +866,7 @@ def infer_compile_only(topology: str, *, batch: int, context: int = 4096, new_to
     except (ValueError, FileNotFoundError, RuntimeError, CheckpointError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2
-    print(format_table(results))
-    msg = _not_fitting(results)
-    if msg:
-        print(f"infer.py: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return _report(results, "infer.py")
 
 
 def main(argv=None) -> int:
@@ -927,12 +927,7 @@ def main(argv=None) -> int:
         import json
 
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
-    print(format_table(results))
-    msg = _not_fitting(results)
-    if msg:
-        print(f"aot: {msg}", file=sys.stderr)
-        return 1
-    return 0
+    return _report(results, "aot")
 
 
 if __name__ == "__main__":
