@@ -27,7 +27,7 @@ FULL, WARMUP = "configs/mufun8b_full.yaml", "configs/mufun8b_warmup.yaml"
 
 
 def train(config, topology, *overrides, slices=1):
-    return ["train", "--config", config, "--topology", topology, "--num_slices", str(slices), *overrides]
+    return ["train", "--config", config, "--topology", topology, "--num-slices", str(slices), *overrides]
 
 
 def rows(n, chunks_per_row=2, accum=2):
@@ -50,19 +50,19 @@ CASES = {
     "full_v5e256_768": train(FULL, "v5e-256", *rows(768)),
     "full_v5e256_tp2": train(FULL, "v5e-256", "mesh.fsdp=128", "mesh.tensor=2"),
     # what the memory tools do, on the tightest chip
-    "full_v5e256_768_offload": train(FULL, "v5e-256", *rows(768), "model.remat_policy=offload"),
+    "full_v5e256_768_offload": train(FULL, "v5e-256", *rows(768), "remat_policy=offload"),
     "full_v5e256_512_no_loss_chunk": train(FULL, "v5e-256", *rows(512), "loss_chunk=0"),
-    "full_v5e256_512_xla_attention": train(FULL, "v5e-256", *rows(512), "--attention_impl", "keep"),
-    "full_v5e256_512_dots_except_mlp": train(FULL, "v5e-256", *rows(512), "model.remat_policy=dots_except_mlp"),
+    "full_v5e256_512_xla_attention": train(FULL, "v5e-256", *rows(512), "--attention-impl", "xla"),
+    "full_v5e256_512_dots_except_mlp": train(FULL, "v5e-256", *rows(512), "remat_policy=dots_except_mlp"),
     # v6e-256 and two v5p-128 slices over DCN
     "full_v6e256": train(FULL, "v6e-256", *rows(256)),
     "full_v5p128x2": train(FULL, "v5p-128", *rows(256), slices=2),
     # inference: prefill of 32 prompts of 4096 tokens (6 audio chunks each) and one decode step
     # with room for 512 new tokens, tensor parallel over one v6e-8 / v5e-8 host
-    "infer_v6e8": ["infer", "--topology", "v6e-8", "--batch", "32", "--context", "4096", "--new_tokens", "512",
-                   "--chunks_per_row", "6"],
-    "infer_v5e8": ["infer", "--topology", "v5e-8", "--batch", "32", "--context", "4096", "--new_tokens", "512",
-                   "--chunks_per_row", "6"],
+    "infer_v6e8": ["infer", "--topology", "v6e-8", "--batch", "32", "--context", "4096", "--new-tokens", "512",
+                   "--chunks-per-row", "6"],
+    "infer_v5e8": ["infer", "--topology", "v5e-8", "--batch", "32", "--context", "4096", "--new-tokens", "512",
+                   "--chunks-per-row", "6"],
 }
 DEFAULT = ["full_v5p128", "warmup_v5p128", "full_v6e64_384", "full_v6e64_512", "full_v5e256_512", "full_v5e256_768",
            "full_v5e256_768_offload", "full_v5e256_512_no_loss_chunk", "full_v5e256_512_xla_attention", "infer_v6e8"]

@@ -48,11 +48,12 @@ done (padding, recompute).
 
 Our side's settings on CPU: fp32, remat ``dots_no_batch`` and at most 8 chunks per packed batch. Without
 remat a 16-chunk step needs about 21 GB (XLA materialises Whisper's fp32 attention scores for every chunk
-and layer), and remat helps less than it should: the taps split Whisper's 4 layers into scans of 2, 1
-and 1 layers, and the one-layer scans appear to lose their remat (XLA's compiled temp memory, 8 chunks:
-taps (0, 4) 3.2 GB with remat "full" and 8.1 GB without; taps (0, 1, 2, 3, 4) 9.5 GB with remat "full").
-On GPU: bf16 compute, up to 32 chunks per batch. The reference (sdpa attention, which does not
-materialise the scores on CPU) needs neither.
+and layer). Whisper runs as one scan that collects its taps on the side, so remat covers every layer:
+the compiled temp memory of the audio path's forward + backward at 8 chunks is 2.3 GiB with remat
+"full" (6.8 GiB without), whatever the taps. (When the layers were scanned in pieces split at the
+taps, the one-layer pieces lost their remat: 4.1 GiB for taps (0, 2, 3, 4) and 7.7 GiB for taps
+(0, 1, 2, 3, 4) with remat "full".) On GPU: bf16 compute, up to 32 chunks per batch. The reference
+(sdpa attention, which does not materialise the scores on CPU) needs neither.
 
     python bench/compare.py                 # full settings, CPU, 3 rounds -> bench/results.{json,md}
     python bench/compare.py --tiny --repeats 1 --parallel --out /tmp/x   # smoke test (~40 s on 2 idle cores)
@@ -117,8 +118,11 @@ class Settings:
     def model_dict(self) -> dict:
         return {"whisper": self.whisper, "qwen3": self.qwen3, "taps": list(self.taps),
                 "connector_type": self.connector_type, "pad_token_id": 0, "pad_token": "<|endoftext|>",
-                "tokenizer_model_max_length": 2048, "remat_policy": self.remat,
-                "dtype": "bfloat16" if self.device == "gpu" else "float32"}
+                "tokenizer_model_max_length": 2048}
+
+    def run_dict(self) -> dict:
+        """Our run settings: remat, and bf16 compute on GPU."""
+        return {"remat_policy": self.remat, "dtype": "bfloat16" if self.device == "gpu" else "float32"}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
@@ -158,6 +162,12 @@ def model_config(s: Settings):
     from mufun_jax.config import MuFunConfig
 
     return MuFunConfig.from_dict(s.model_dict())
+
+
+def run_settings(s: Settings):
+    from mufun_jax.config import RunSettings
+
+    return RunSettings(**s.run_dict())
 
 
 # -- synthetic data ---------------------------------------------------------------------------------
@@ -210,25 +220,11 @@ def label_tokens(samples) -> int:
 # -- analytic FLOPs ---------------------------------------------------------------------------------
 
 
-def flop_parts(cfg, n_chunks: int, n_tokens: int) -> dict:
-    """Forward FLOPs of ``n_chunks`` chunks and one causal sequence of ``n_tokens`` tokens, split into
-    weight matmuls (``*_w``), attention products (``*_a``) and the LM head over every position."""
-    w, q = cfg.whisper, cfg.qwen3
-    d, f, frames = w.d_model, w.encoder_ffn_dim, w.max_source_positions
-    enc_w = 2 * (2 * frames) * (3 * w.num_mel_bins) * d + 2 * frames * (3 * d) * d  # conv1, conv2
-    enc_w += w.encoder_layers * 2 * frames * (4 * d * d + 2 * d * f)
-    enc_a = w.encoder_layers * 2 * 2 * frames * frames * d
-    c = cfg.connector
-    hid = c.hidden_dim or c.out_dim
-    conn_w = 2 * cfg.tokens_per_chunk * (c.in_dim * hid + hid * c.out_dim)
-    h, hd = q.hidden_size, q.head_dim
-    layer = h * (q.num_attention_heads + 2 * q.num_key_value_heads) * hd + q.num_attention_heads * hd * h \
-        + 3 * h * q.intermediate_size
-    n = n_tokens
-    return {"enc_w": n_chunks * enc_w, "enc_a": n_chunks * enc_a, "conn_w": n_chunks * conn_w,
-            "llm_w": 2 * n * q.num_hidden_layers * layer,
-            "llm_a": q.num_hidden_layers * 2 * 2 * (n * (n + 1) / 2) * q.num_attention_heads * hd,  # causal
-            "head": 2 * n * h * q.vocab_size}
+# The formulas are mufun_jax.flops (shared with the AOT reports); "useful" FLOPs count each sample's
+# own tokens (no padding) and the causal triangle of its attention.
+
+TRAINABLE = {"full": {"whisper": "full", "connector": "full", "llm": "full"},
+             "warmup": {"whisper": "frozen", "connector": "full", "llm": "frozen"}}
 
 
 def expanded(cfg, smp) -> int:
@@ -237,14 +233,9 @@ def expanded(cfg, smp) -> int:
 
 def train_flops(cfg, samples, mode: str) -> float:
     """Useful training FLOPs of ``samples`` (no padding). ``mode``: full | warmup (connector only)."""
-    tot = 0.0
-    for smp in samples:
-        p = flop_parts(cfg, sum(smp.chunks_per_audio), expanded(cfg, smp))
-        if mode == "full":
-            tot += 3 * sum(p.values())
-        else:  # Whisper forward only; the connector trains; the frozen LLM is on the gradient path
-            tot += p["enc_w"] + p["enc_a"] + 3 * p["conn_w"] + 2 * (p["llm_w"] + p["head"]) + 3 * p["llm_a"]
-    return tot
+    from mufun_jax import flops
+
+    return sum(flops.train_flops(cfg, TRAINABLE[mode], sum(x.chunks_per_audio), [expanded(cfg, x)]) for x in samples)
 
 
 def computed_train_flops(cfg, chunks: int, rows: int, seq_len: int, mode: str = "full") -> float:
@@ -252,26 +243,17 @@ def computed_train_flops(cfg, chunks: int, rows: int, seq_len: int, mode: str = 
     ``rows`` x ``seq_len`` tokens through the LLM, attention over every row's whole square (a packed
     row's segment mask and a padded batch's attention mask both leave the full square computed).
     Remat recomputation is not included."""
-    p = flop_parts(cfg, chunks, 0)
-    q = cfg.qwen3
-    llm = flop_parts(cfg, 0, rows * seq_len)
-    attn = q.num_hidden_layers * 4 * rows * seq_len * seq_len * q.num_attention_heads * q.head_dim
-    if mode == "full":
-        return 3 * (p["enc_w"] + p["enc_a"] + p["conn_w"] + llm["llm_w"] + llm["head"] + attn)
-    return p["enc_w"] + p["enc_a"] + 3 * p["conn_w"] + 2 * (llm["llm_w"] + llm["head"]) + 3 * attn
+    from mufun_jax import flops
+
+    return flops.train_flops(cfg, TRAINABLE[mode], chunks, [seq_len] * rows, attention="square")
 
 
 def infer_flops(cfg, n_chunks: int, prompt_len: int, new_tokens: int) -> float:
     """Useful FLOPs of one answer: encoder, connector, prefill (the head on the last position only),
     then one decode step per generated token after the first."""
-    p = flop_parts(cfg, n_chunks, prompt_len)
-    q = cfg.qwen3
-    tot = p["enc_w"] + p["enc_a"] + p["conn_w"] + p["llm_w"] + p["llm_a"] + 2 * q.hidden_size * q.vocab_size
-    one = flop_parts(cfg, 0, 1)
-    for i in range(1, new_tokens):
-        tot += one["llm_w"] + one["head"] + q.num_hidden_layers * 4 * (prompt_len + i) * q.num_attention_heads \
-            * q.head_dim
-    return tot
+    from mufun_jax import flops
+
+    return flops.answer_flops(cfg, n_chunks, prompt_len, new_tokens)
 
 
 def choose_packing(s: Settings, cfg) -> tuple[tuple[int, int, int], list]:
@@ -338,8 +320,9 @@ def ours_train(s: Settings, mode: str, samples, warm) -> dict:
     tcfg = TrainConfig.from_dict(dict(max_steps=10_000, trainable=trainable, progress=False,
                                       optim=dict(lr=2e-5, warmup_ratio=0.0, schedule="constant"),
                                       data=dict(batch_size=rows, seq_len=seq_len, max_chunks=max_chunks)))
-    pack = PackConfig(batch_size=rows, seq_len=seq_len, max_chunks=max_chunks, pad_token_id=0)
-    trainer = Trainer(tcfg, cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    pack = PackConfig(batch_size=rows, seq_len=seq_len, max_chunks=max_chunks, pad_token_id=0,
+                      tokens_per_chunk=cfg.tokens_per_chunk)
+    trainer = Trainer(tcfg, cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]), run_settings(s))
     state = trainer.init_state(jax.random.key(s.seed))
     jax.block_until_ready(state)
     log(f"ours {mode}: initialised; packing {rows}x{seq_len}, {max_chunks} chunks")
@@ -697,7 +680,7 @@ def ours_infer_child(s: Settings, workdir: str):
 
     wd = Path(workdir)
     cfg = model_config(s)
-    model = MuFun(cfg, rngs=nnx.Rngs(0))
+    model = MuFun(cfg, run_settings(s).replace(remat_policy="none"), rngs=nnx.Rngs(0))
     with np.load(wd / "weights.npz") as z:
         load_params(model, torch_to_flax(dict(z), cfg))
     tok = dataset_tokenizer(wd / "tok")
@@ -736,8 +719,10 @@ PROF_TOKENS = 1536  # one causal sequence through the LLM
 
 
 def component_flops(cfg) -> dict:
-    enc = flop_parts(cfg, PROF_CHUNKS, 0)
-    llm = flop_parts(cfg, 0, PROF_TOKENS)
+    from mufun_jax import flops
+
+    enc = flops.forward_flops(cfg, PROF_CHUNKS, [])
+    llm = flops.forward_flops(cfg, 0, [PROF_TOKENS])
     e = enc["enc_w"] + enc["enc_a"]
     return {"whisper forward": e, "whisper forward+backward": 3 * e,
             "qwen3 layers forward+backward": 3 * (llm["llm_w"] + llm["llm_a"]),
@@ -766,7 +751,7 @@ def ours_prof_child(s: Settings, workdir: str):
     from mufun_jax.train_lib import nll_sums
 
     cfg = model_config(s)
-    model = MuFun(cfg, rngs=nnx.Rngs(0))
+    model = MuFun(cfg, run_settings(s), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     mel = jnp.asarray(rng.uniform(-1, 1, (PROF_CHUNKS, cfg.whisper.num_mel_bins, cfg.whisper.num_frames)), jnp.float32)
     emb = jnp.asarray(rng.standard_normal((1, PROF_TOKENS, cfg.qwen3.hidden_size)), jnp.float32)
@@ -777,7 +762,7 @@ def ours_prof_child(s: Settings, workdir: str):
     lm_gd, lm_st = nnx.split(model.language_model)
     enc_loss = lambda st, x: sum(jnp.sum(y) for y in nnx.merge(enc_gd, st)(x))
     lm_loss = lambda st, x: jnp.sum(nnx.merge(lm_gd, st).hidden_states(x, segment_ids=seg)[0])
-    head_loss = lambda st, x: nll_sums(nnx.merge(lm_gd, st), x, tgt)[0]
+    head_loss = lambda st, x: nll_sums(nnx.merge(lm_gd, st).logits, x, tgt)[0]
     fns = {
         "whisper forward": (jax.jit(enc_loss), (enc_st, mel)),
         "whisper forward+backward": (jax.jit(jax.value_and_grad(enc_loss)), (enc_st, mel)),

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from mufun_jax.config import preset  # noqa: E402
 from mufun_jax.convert import COMBINED_PREFIX, COMPONENTS, FLAX_ROOT, rules  # noqa: E402
 from mufun_jax.torch_files import write_safetensors_shards  # noqa: E402
-from mufun_jax.weights import _expected_shapes, _torch_shape  # noqa: E402
+from mufun_jax.weights import expected_shapes, torch_shape  # noqa: E402
 
 
 def write_synthetic(folder: Path, seed: int = 0) -> int:
@@ -35,12 +35,12 @@ def write_synthetic(folder: Path, seed: int = 0) -> int:
     from tqdm import tqdm
 
     cfg = preset("mufun-8b")
-    shapes = _expected_shapes(cfg)
+    shapes = expected_shapes(cfg)
     bf16 = np.dtype(ml_dtypes.bfloat16)
     entries = []
     for comp in COMPONENTS:
         for rule in rules(cfg, comp):
-            ts = _torch_shape(rule, shapes[(FLAX_ROOT[comp],) + rule.path])
+            ts = torch_shape(rule, shapes[(FLAX_ROOT[comp],) + rule.path])
             entries += [(COMBINED_PREFIX[comp] + k, ts, bf16) for k in rule.torch_keys()]
     total = sum(int(np.prod(s)) * 2 for _, s, _ in entries)
     # Four shards of about equal size, as the release has: a tensor goes to the shard its start falls in.
@@ -97,7 +97,7 @@ def main():
     print(f"\n{'direction':<10}{'wall s':>10}{'MB/s':>10}{'peak RSS GB':>14}")
     for k, (wall, rss) in results.items():
         print(f"{k:<10}{wall:>10.1f}{total / 1e6 / wall:>10.0f}{rss:>14.2f}")
-    largest = max(int(np.prod(s)) * 2 for s in _expected_shapes(preset("mufun-8b")).values())
+    largest = max(int(np.prod(s)) * 2 for s in expected_shapes(preset("mufun-8b")).values())
     print(f"largest stacked parameter: {largest / 1e9:.2f} GB (bf16)")
     if not args.keep:
         shutil.rmtree(w, ignore_errors=True)

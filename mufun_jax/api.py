@@ -39,20 +39,17 @@ from typing import Any, Iterable, Iterator, Sequence
 import numpy as np
 
 from mufun_jax import audio as audio_lib
-from mufun_jax.config import MuFunConfig
+from mufun_jax.config import MuFunConfig, check_sampling
 from mufun_jax.data.templates import AUDIO_TAG, get_template, tokenize_with_audio
+from mufun_jax.errors import InputError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BUCKETS = (256, 512, 1024, 2048, 4096)
+DEFAULT_BUCKETS = (256, 512, 1024, 2048, 4096)  # padded prompt lengths, cut at the model's max length
 
 
-class RequestError(ValueError):
+class RequestError(InputError):
     """A request that cannot be served; ``reason`` is a short key (``missing_file``, ``too_long``, ...)."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclasses.dataclass
@@ -105,12 +102,12 @@ class _Prepared:
 
 def _segments(time, n_audios: int) -> list:
     """``None`` | ``[s, e]`` (one audio) | ``[[s, e] | None, ...]`` (one per audio) -> one entry per audio."""
-    from mufun_jax.data.dataset import _segments as dataset_segments
+    from mufun_jax.data.dataset import segments
 
     try:
-        return dataset_segments(time, n_audios)
-    except Exception as e:  # dataset's own skip exception carries a reason
-        raise RequestError(getattr(e, "reason", "bad_time"), str(e)) from None
+        return segments(time, n_audios)
+    except InputError as e:
+        raise RequestError(e.reason, str(e)) from None
 
 
 def parse_request(req, index: int = 0) -> dict:
@@ -189,18 +186,12 @@ def load_request_audio(audio: Sequence, time, audio_root=None) -> list[list[np.n
     return out
 
 
-def _resolve_dtype(name):
+def _dtype_name(name) -> str | None:
     if name is None:
         return None
     import jax.numpy as jnp
 
     return jnp.dtype(name).name
-
-
-def _place(arr, sharding):
-    import jax
-
-    return jax.device_put(arr, sharding)
 
 
 class MuFun:
@@ -244,22 +235,30 @@ class MuFun:
     # -- loading -----------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None,
-                        tokenizer=None, **kw) -> "MuFun":
-        """Load a converted directory (``convert_weights.py import`` or train.py's ``OUTPUT_DIR/model``)
+    def from_pretrained(cls, path, *, dtype: str | None = None, param_dtype: str | None = None,
+                        attention_impl: str = "auto", mesh=None, tokenizer=None, **kw) -> "MuFun":
+        """Load a model directory (``convert_weights.py import`` or train.py's ``OUTPUT_DIR/model``)
         or a PyTorch MuFun directory (the released combined checkpoint, or the per-component folders;
         converted in memory one tensor at a time, safetensors without torch).
 
-        ``dtype`` is the compute dtype (default: the checkpoint config's); parameters are held in
-        ``param_dtype`` (default: ``dtype``, as the reference loads with ``torch_dtype``). ``mesh``
-        (a ``(data, fsdp, tensor)`` mesh from :func:`mufun_jax.sharding.make_mesh`) shards the
+        Run settings are chosen here, never read from the checkpoint: ``dtype`` is the compute dtype
+        (default: float32 on CPU, bfloat16 on TPU and GPU); parameters are held in ``param_dtype``
+        (default: ``dtype``, as the reference loads with ``torch_dtype``); ``attention_impl`` picks
+        the attention backend of the no-cache path (scoring), ``auto`` by platform. ``mesh`` (a
+        ``(data, fsdp, tensor)`` mesh from :func:`mufun_jax.sharding.make_mesh`) shards the
         parameters by their logical axes; without it they go to the default device. ``tokenizer``:
         a tokenizer or a directory (default: the checkpoint's own files). Other keywords go to the
         constructor."""
+        import jax
+
+        from mufun_jax.checkpoint import load_model
+        from mufun_jax.config import RunSettings
         from mufun_jax.data.dataset import dataset_tokenizer
 
         path = Path(path)
-        model = load_model(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+        dtype = _dtype_name(dtype) or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+        run = RunSettings(dtype=dtype, param_dtype=_dtype_name(param_dtype) or dtype, attention_impl=attention_impl)
+        model = load_model(path, run, mesh=mesh)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tok_dir = Path(tokenizer) if tokenizer is not None else path
             if not any((tok_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
@@ -399,9 +398,7 @@ class MuFun:
         items = list(requests)
         top_p = 1.0 if top_p is None else float(top_p)
         top_k = 0 if top_k is None else int(top_k)
-        if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got temperature={temperature}, "
-                             f"top_p={top_p}, top_k={top_k}")
+        check_sampling(temperature, top_p, top_k)
         default_cap = self.generator.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if default_cap < 1:
             raise ValueError(f"max_new_tokens={default_cap} must be >= 1")
@@ -495,133 +492,3 @@ class MuFun:
         if r.error is not None:
             raise RequestError(r.error, r.message)
         return r.scores
-
-
-# -- loading weights -------------------------------------------------------------------------------
-
-
-def _shardings(abstract, mesh) -> dict:
-    """A NamedSharding per variable from its logical axes (nested like ``nnx.to_pure_dict``)."""
-    from flax import nnx
-    from jax.sharding import NamedSharding
-
-    from mufun_jax.sharding import logical_to_spec
-
-    out: dict = {}
-    for path, v in nnx.iter_graph(abstract):
-        if isinstance(v, nnx.Variable):
-            node = out
-            keys = [str(p) for p in path]
-            for k in keys[:-1]:
-                node = node.setdefault(k, {})
-            axes = v.get_metadata("logical_axes", None) or (None,) * len(v.shape)
-            node[keys[-1]] = NamedSharding(mesh, logical_to_spec(axes, shape=v.shape, mesh=mesh))
-    return out
-
-
-def load_model(path, *, dtype: str | None = None, param_dtype: str | None = None, mesh=None):
-    """A :class:`mufun_jax.models.MuFun` with the weights of a converted or a PyTorch MuFun directory
-    (see :meth:`MuFun.from_pretrained`). No random initialisation runs: the module is built
-    abstractly and each parameter is read, cast and placed one at a time."""
-    import jax
-    from flax import nnx
-
-    from mufun_jax import models
-    from mufun_jax.torch_files import CheckpointError
-    from mufun_jax.weights import CONFIG_NAME, PARAMS_DIR, load_config, open_source
-
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such directory")
-    converted = (path / PARAMS_DIR).is_dir() and (path / CONFIG_NAME).exists()
-    if converted:
-        cfg, sources = load_config(path), None
-    else:
-        try:
-            cfg, sources, _ = open_source(path)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: neither a converted MuFun directory ({CONFIG_NAME} + {PARAMS_DIR}/) nor "
-                                  f"a PyTorch MuFun checkpoint: {e}") from e
-    dtype = _resolve_dtype(dtype) or cfg.dtype
-    cfg = cfg.replace(dtype=dtype, param_dtype=_resolve_dtype(param_dtype) or dtype, remat_policy="none")
-    abstract = nnx.eval_shape(lambda: models.MuFun(cfg, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    want = {tuple(str(p) for p in path_): (tuple(v.shape), v.dtype) for path_, v in nnx.iter_graph(abstract)
-            if isinstance(v, nnx.Variable)}
-    if mesh is not None:
-        sh = _shardings(abstract, mesh)
-        sharding_of = lambda p: _get(sh, p)
-    else:
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        sharding_of = lambda p: dev
-    if converted:
-        params = _read_converted(path, want, sharding_of)
-    else:
-        params = _read_torch(path, cfg, sources, want, sharding_of)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
-
-
-def _get(tree, path):
-    for k in path:
-        tree = tree[k]
-    return tree
-
-
-def _read_converted(path: Path, want: dict, sharding_of) -> dict:
-    import jax
-
-    from mufun_jax.torch_files import CheckpointError
-    from mufun_jax.weights import _restore, param_metadata
-
-    meta = param_metadata(path)
-    missing = sorted(set(want) - set(meta))
-    wrong = [(p, meta[p][0], want[p][0]) for p in want if p in meta and meta[p][0] != want[p][0]]
-    if missing or wrong:
-        raise CheckpointError(f"{path}: parameters do not match {path}/mufun_config.json: missing "
-                              f"{['.'.join(p) for p in missing[:5]]}, shape mismatches "
-                              f"{[('.'.join(p), h, w) for p, h, w in wrong[:5]]}")
-    # Orbax reads each leaf straight into the wanted dtype and placement; extra leaves are skipped.
-    import orbax.checkpoint.experimental.v1 as ocp
-
-    return _restore(path, meta, lambda p, shape, dt: jax.ShapeDtypeStruct(shape, want[p][1], sharding=sharding_of(p))
-                    if p in want else ocp.PLACEHOLDER)
-
-
-def _read_torch(path: Path, cfg: MuFunConfig, sources: dict, want: dict, sharding_of) -> dict:
-    """Stream the torch tensors through the converter's rules: one stacked parameter at a time is
-    built on the host, cast and placed, so peak host memory is about one parameter."""
-    from mufun_jax.convert import COMPONENTS, FLAX_ROOT, rules
-    from mufun_jax.torch_files import CheckpointError
-    from mufun_jax.weights import _check_keys, _torch_shape
-
-    for comp, source in sources.items():
-        _check_keys(comp, source, cfg, str(getattr(source.index, "where", path)))
-    out: dict = {}
-    for comp in COMPONENTS:
-        source = sources[comp]
-        for rule in rules(cfg, comp):
-            p = (FLAX_ROOT[comp],) + rule.path
-            shape, dt = want[p]
-            expect = _torch_shape(rule, shape)
-            keys = [source.key_map[k] for k in rule.torch_keys()]
-            host = None
-            for i, key in enumerate(keys):
-                got = tuple(source.shape(key))
-                if got != expect:
-                    raise CheckpointError(f"{source.where(key)}: tensor {key!r} has shape {got}, but the config "
-                                          f"needs {expect}")
-                t = source.read(key)
-                if rule.layers is None:
-                    host = rule.to_flax(t)
-                    break
-                if host is None:
-                    host = np.empty(shape, t.dtype)
-                rule.to_flax(t.astype(host.dtype, copy=False), host[i])
-                del t
-            node = out
-            for k in p[:-1]:
-                node = node.setdefault(k, {})
-            node[p[-1]] = _place(host.astype(dt, copy=False), sharding_of(p))
-            del host
-    return out

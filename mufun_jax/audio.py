@@ -19,6 +19,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mufun_jax.errors import InputError
+
 SAMPLE_RATE = 16000
 N_FFT = 400
 HOP_LENGTH = 160
@@ -30,12 +32,8 @@ SOUNDFILE_EXTS = {".wav", ".flac", ".ogg", ".oga"}
 AV_EXTS = {".mp3", ".opus", ".m4a", ".aac", ".webm", ".mp4"}
 
 
-class AudioError(ValueError):
+class AudioError(InputError):
     """An audio input that cannot be used; ``reason`` is a short counter key."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 # -- decoding --------------------------------------------------------------------------------

@@ -1,11 +1,34 @@
-"""Command-line front ends (``train.py`` / ``mufun-train``, ``infer.py`` / ``mufun-infer``); the work is in
-the library modules."""
+"""Command-line front ends (``train.py`` / ``mufun-train``, ``infer.py`` / ``mufun-infer``,
+``convert_weights.py`` / ``mufun-convert``); the work is in the library modules.
+
+Every CLI takes ``--kebab-case`` flags; the ``--snake_case`` spellings of earlier versions are
+still accepted as hidden aliases (:class:`ArgumentParser`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` with one flag style: a ``--snake_case`` spelling of a known ``--kebab-case``
+    option is read as that option, without showing up in ``--help``."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        known = {o for a in self._actions for o in a.option_strings}
+        for sp in self._subparsers._group_actions if self._subparsers else ():
+            for p in sp.choices.values():
+                known |= {o for a in p._actions for o in a.option_strings}
+        out = []
+        for a in args:
+            name, eq, value = str(a).partition("=")
+            if name.startswith("--") and "_" in name and name.replace("_", "-") in known:
+                a = name.replace("_", "-") + eq + value
+            out.append(a)
+        return super().parse_known_args(out, namespace)
 
 
 def _logging() -> None:
@@ -21,20 +44,20 @@ def _logging() -> None:
 
 def train_main(argv=None) -> int:
     """Train or resume MuFun from a YAML config with ``key=value`` overrides."""
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="train.py", description="Train MuFun (resumes from the newest checkpoint in output_dir).",
         epilog="example: python train.py --config configs/demo.yaml max_steps=50 optim.lr=1e-3 mesh.fsdp=-1")
     ap.add_argument("--config", required=True, help="YAML training config (see configs/)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.batch_size=16")
     ap.add_argument("--profile", action="store_true", help="write a jax.profiler trace of steps 3-5 to "
                                                            "OUTPUT_DIR/profile (open it with TensorBoard or Perfetto)")
-    ap.add_argument("--compile_only", action="store_true", help="compile the train step for --topology on this "
+    ap.add_argument("--compile-only", action="store_true", help="compile the train step for --topology on this "
                     "host (needs libtpu, no TPU), print per-chip memory and FLOPs; exit 1 if it does not fit")
-    ap.add_argument("--topology", default=None, help="TPU slice for --compile_only: v5p-128, v6e-64, v5e-256, ...")
-    ap.add_argument("--num_slices", type=int, default=1, help="slices of a multi-slice job (--compile_only)")
+    ap.add_argument("--topology", default=None, help="TPU slice for --compile-only: v5p-128, v6e-64, v5e-256, ...")
+    ap.add_argument("--num-slices", type=int, default=1, help="slices of a multi-slice job (--compile-only)")
     args = ap.parse_args(argv)
     if args.compile_only != (args.topology is not None):
-        ap.error("--compile_only and --topology go together")
+        ap.error("--compile-only and --topology go together")
     _logging()
 
     from mufun_jax.train_config import TrainConfig
@@ -46,7 +69,7 @@ def train_main(argv=None) -> int:
         print(f"train.py: config error: {e}", file=sys.stderr)
         return 2
     if args.compile_only:
-        from mufun_jax.aot import train_compile_only
+        from mufun_jax.aot.drivers import train_compile_only
 
         try:
             return train_compile_only(cfg, args.topology, num_slices=args.num_slices)
@@ -102,7 +125,7 @@ def infer_main(argv=None) -> int:
     import uuid
     from pathlib import Path
 
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="infer.py", description="Batched MuFun inference: one JSONL result per request, in input order. "
         "Requests are training-schema records ({id, audio, time, conversations}; the first human turn is the "
         "prompt) or {id, prompt, audio, time}, with optional candidates for --score. Exit status: 0 all answered, "
@@ -122,35 +145,40 @@ def infer_main(argv=None) -> int:
     ap.add_argument("--score", action="store_true", help="score each request's 'candidates' instead of generating; "
                                                          "the answer is the most likely candidate")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                    help="compute and parameter dtype (default: the checkpoint config's)")
+                    help="compute and parameter dtype (default: float32 on CPU, bfloat16 on TPU/GPU)")
+    ap.add_argument("--attention-impl", default="auto", help="attention backend of scoring (auto: by platform)")
     ap.add_argument("--audio-root", default=None, help="directory that relative audio paths are resolved against")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     tpu = ap.add_argument_group("compile only", "AOT-compile the prefill and one decode step for a TPU slice on this "
                                 "host (needs libtpu: pip install -e .[tpu]); MODEL and INPUT are not needed (MODEL, "
                                 "when given and present, supplies the config; else the mufun-8b preset)")
-    tpu.add_argument("--compile_only", action="store_true")
+    tpu.add_argument("--compile-only", action="store_true")
     tpu.add_argument("--topology", default=None, help="v5p-128, v6e-64, v6e-8, v5e-256, ...")
-    tpu.add_argument("--num_slices", type=int, default=1)
+    tpu.add_argument("--num-slices", type=int, default=1)
     tpu.add_argument("--context", type=int, default=4096, help="prompt tokens per row (audio included)")
     tpu.add_argument("--prefill-chunk", type=int, default=None, help="prefill attention chunk (tokens)")
     args = ap.parse_args(argv)
     if args.compile_only or args.topology is not None:
         if not (args.compile_only and args.topology):
-            ap.error("--compile_only and --topology go together")
-        from mufun_jax.aot import infer_compile_only
+            ap.error("--compile-only and --topology go together")
+        from mufun_jax.aot.drivers import infer_compile_only
 
         return infer_compile_only(args.topology, batch=args.batch_size, context=args.context,
                                   new_tokens=args.max_new_tokens, model=args.model, num_slices=args.num_slices,
                                   prefill_chunk=args.prefill_chunk)
     if args.input is None or args.output is None:
         ap.error("MODEL, INPUT and --output are required (except with --compile_only)")
+    from mufun_jax.config import check_sampling
+
     bad = [f"{name} {why}" for name, cond, why in (
         ("--batch-size", args.batch_size < 1, "must be >= 1"),
         ("--max-new-tokens", args.max_new_tokens < 1, "must be >= 1"),
-        ("--temperature", args.temperature < 0, "must be >= 0"),
-        ("--top-k", args.top_k is not None and args.top_k < 0, "must be >= 0"),
-        ("--top-p", args.top_p is not None and not 0 < args.top_p <= 1, "must be in (0, 1]"),
     ) if cond]
+    try:
+        check_sampling(args.temperature, 1.0 if args.top_p is None else args.top_p,
+                       0 if args.top_k is None else args.top_k)
+    except ValueError as e:
+        bad.append(str(e))
     if bad:
         ap.print_usage(sys.stderr)
         print(f"infer.py: error: {'; '.join(bad)}", file=sys.stderr)
@@ -176,8 +204,8 @@ def infer_main(argv=None) -> int:
     from mufun_jax.torch_files import CheckpointError
 
     try:
-        model = MuFun.from_pretrained(args.model, dtype=args.dtype, batch_size=args.batch_size,
-                                      max_new_tokens=args.max_new_tokens)
+        model = MuFun.from_pretrained(args.model, dtype=args.dtype, attention_impl=args.attention_impl,
+                                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"infer.py: error: cannot load the model: {e}", file=sys.stderr)
         return 2
@@ -211,3 +239,60 @@ def infer_main(argv=None) -> int:
           + (f"; failed: {', '.join(f'{k} {v}' for k, v in sorted(failed.items()))}" if failed else ""),
           file=sys.stderr)
     return 1 if n_failed else 0
+
+
+CONVERT_HELP = """Convert MuFun weights between PyTorch checkpoints and this project's model directory.
+
+  import SRC DST                       released combined checkpoint, or MuFun's per-component folders
+  import --whisper W --qwen3 Q --connector blp_4i_2x DST
+                                       plain HF Whisper + Qwen3 checkpoints, connector initialised from --seed
+  export SRC DST                       back to the combined HF layout (sharded safetensors + index)
+"""
+
+
+def convert_main(argv=None) -> int:
+    """``convert_weights.py`` / ``mufun-convert``."""
+    ap = ArgumentParser(prog="convert_weights.py", description=CONVERT_HELP,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    imp = sub.add_parser("import", help="PyTorch checkpoint -> model directory")
+    imp.add_argument("paths", nargs="+", metavar="PATH", help="SRC DST, or only DST with --whisper/--qwen3")
+    imp.add_argument("--whisper", help="HF Whisper folder (WhisperForConditionalGeneration or WhisperModel); "
+                                       "the decoder is dropped")
+    imp.add_argument("--qwen3", help="HF Qwen3ForCausalLM folder")
+    imp.add_argument("--connector", help="connector type for a fresh connector, e.g. blp_4i_2x")
+    imp.add_argument("--taps", type=lambda v: [int(x) for x in v.split(",")], default=None,
+                     help="Whisper hidden-state taps for a fresh model, comma separated (default 0,7,15,32, "
+                          "MuFun's; set it for encoders that are not 32 layers deep)")
+    imp.add_argument("--seed", type=int, default=0, help="seed of the fresh connector's initialisation (default 0)")
+    exp = sub.add_parser("export", help="model directory -> combined HF layout (safetensors)")
+    exp.add_argument("paths", nargs=2, metavar="PATH", help="SRC DST")
+    exp.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (default 5 GB)")
+    for p in (imp, exp):
+        p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"],
+                       help="dtype of the written weights (default: keep the source's)")
+        p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    logging.getLogger("mufun_jax").setLevel(logging.INFO)  # ours, without Orbax's per-read INFO lines
+
+    from mufun_jax.torch_files import CheckpointError
+    from mufun_jax.weights import export_checkpoint, import_checkpoint
+
+    try:
+        if args.cmd == "import":
+            parts = bool(args.whisper or args.qwen3)
+            if len(args.paths) != (1 if parts else 2):
+                ap.error("import takes SRC DST, or DST alone with --whisper, --qwen3 and --connector")
+            src, dst = (None, args.paths[0]) if parts else args.paths
+            import_checkpoint(dst, src, whisper=args.whisper, qwen3=args.qwen3, connector_type=args.connector,
+                              taps=args.taps, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
+                              progress=not args.no_progress)
+        else:
+            export_checkpoint(*args.paths, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
+                              overwrite=args.overwrite, progress=not args.no_progress)
+    except (CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
+        print(f"convert_weights.py {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,20 +1,29 @@
 """Configuration dataclasses for MuFun and its three parts.
 
 Each config can be built from what users already have: an HF ``config.json`` dict
-(Whisper, Qwen3), the combined TinyLLaVA-style MuFun ``config.json``, a YAML file in
-``configs/``, or a named preset. Runtime choices that do not change the function the
-model computes (compute dtype, remat policy) live on :class:`MuFunConfig` and are passed
-to the modules explicitly.
+(Whisper, Qwen3), the combined TinyLLaVA-style MuFun ``config.json``, a YAML file, or a named
+preset plus overrides (:func:`resolve_model`, the one place that merges overrides).
+
+Two kinds of settings, kept apart on purpose:
+- :class:`MuFunConfig` is the architecture: what function the model computes. It is saved with
+  the weights.
+- :class:`RunSettings` is how this process runs it (compute and parameter dtype, remat policy,
+  attention backend). It comes from the training config, CLI flags or ``from_pretrained``
+  arguments and is never saved with the weights, so a model trained with the TPU kernel loads on
+  a CPU with the CPU backend.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+log = logging.getLogger(__name__)
 
 IMAGE_TOKEN_INDEX = -200  # `<audio>` placeholder id in the reference (inherited from TinyLLaVA)
 IGNORE_INDEX = -100
@@ -24,10 +33,12 @@ IM_END_ID = 151645  # `<|im_end|>`: end token of the instruct template
 # Implemented in models/scan.py. "full" saves nothing; "dots_except_mlp" saves the attention
 # projections only; "offload" saves nothing on the device but each layer's input in host memory.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_except_mlp", "offload")
-# Attention backends of models/attention.py for the training (no KV cache) path; "splash_interpret"
-# is the TPU splash kernel in Pallas interpret mode, for CPU tests only.
-ATTENTION_IMPLS = ("xla", "splash", "pallas_tpu", "cudnn", "splash_interpret")
+# Attention backends of models/attention.py for the no-KV-cache path. "auto" picks by the platform
+# compiled for: splash on TPU, cudnn on GPU for 16-bit compute, xla otherwise. "splash_interpret" is
+# the TPU splash kernel in Pallas interpret mode, for CPU tests only.
+ATTENTION_IMPLS = ("auto", "xla", "splash", "pallas_tpu", "cudnn", "splash_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
+RUN_KEYS = ("dtype", "param_dtype", "remat_policy", "attention_impl")  # RunSettings' fields
 
 
 def _check_known(cls, d: Mapping[str, Any], where: str) -> None:
@@ -251,11 +262,6 @@ class MuFunConfig:
     tokenizer_model_max_length: int = 4096
     tokenizer_padding_side: str = "right"
     tokenizer_use_fast: bool = False
-    # Runtime choices (do not change the function computed, only how).
-    dtype: str = "float32"  # compute dtype of matmuls; "bfloat16" on accelerators
-    param_dtype: str = "float32"
-    remat_policy: str = "none"  # none | full | dots | dots_no_batch | dots_except_mlp | offload
-    attention_impl: str = "xla"  # xla | splash (TPU Pallas kernel) | cudnn; the KV-cache path is always xla
 
     def __post_init__(self):
         object.__setattr__(self, "taps", tuple(int(t) for t in self.taps))
@@ -278,13 +284,6 @@ class MuFunConfig:
                 f"connector_type={self.connector_type!r} expects {i} stacked encoder widths, "
                 f"but taps={list(self.taps)} gives {len(self.taps)}"
             )
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
-        if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"attention_impl={self.attention_impl!r} is not one of {list(ATTENTION_IMPLS)}")
         if self.tokenizer_padding_side not in ("right", "left"):
             raise ValueError(f"tokenizer_padding_side={self.tokenizer_padding_side!r} must be 'right' or 'left'")
 
@@ -308,8 +307,13 @@ class MuFunConfig:
     # -- construction ------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MuFunConfig":
-        """From our own nested dict form (what ``to_dict`` and the YAML files hold)."""
+        """From our own nested dict form (what ``to_dict`` and ``mufun_config.json`` hold). Run
+        settings that older directories saved with the architecture are ignored, with one info line."""
         d = dict(d)
+        legacy = {k: d.pop(k) for k in RUN_KEYS if k in d}
+        if legacy:
+            log.info("ignoring run settings saved with the model config %s: they are chosen at load time "
+                     "(from_pretrained / infer.py flags / the training config)", legacy)
         _check_known(cls, d, "MuFun config")
         w = d.pop("whisper", {}) or {}
         q = d.pop("qwen3", {}) or {}
@@ -331,14 +335,9 @@ class MuFunConfig:
             d = yaml.safe_load(f) or {}
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a mapping at the top level, got {type(d).__name__}")
-        d = d.get("model", d)
+        d = dict(d.get("model", d))
         if "preset" in d:
-            d = dict(d)
-            base = preset(d.pop("preset")).to_dict()
-            for k in ("whisper", "qwen3"):
-                base[k].update(d.pop(k, {}) or {})
-            base.update(d)
-            d = base
+            return resolve_model(d.pop("preset"), d)
         return cls.from_dict(d)
 
     @classmethod
@@ -428,3 +427,59 @@ def preset(name: str) -> MuFunConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+def resolve_model(base: MuFunConfig | str, overrides: Mapping[str, Any] | None = None) -> MuFunConfig:
+    """``base`` (a config or a preset name) with ``overrides`` in the nested dict form
+    (``{"qwen3": {"num_hidden_layers": 2}, "taps": [0, 1]}``). The one place that merges model
+    overrides: the YAML loader, the training config and the AOT drivers all call it."""
+    cfg = preset(base) if isinstance(base, str) else base
+    overrides = dict(overrides or {})
+    run = sorted(k for k in overrides if k in RUN_KEYS)
+    if run:
+        raise ValueError(f"model overrides {run} are run settings, not architecture: set them at the top level of "
+                         f"the training config (e.g. dtype: bfloat16), or as from_pretrained / CLI arguments")
+    if "preset" in overrides:
+        raise ValueError("a 'preset' inside model overrides is ambiguous here; give one base model")
+    merged = cfg.to_dict()
+    for k in ("whisper", "qwen3"):
+        sub = overrides.pop(k, None) or {}
+        if not isinstance(sub, Mapping):
+            raise ValueError(f"model override {k!r} must be a mapping, got {sub!r}")
+        merged[k] = {**merged[k], **sub}
+    merged.update(overrides)
+    return MuFunConfig.from_dict(merged)
+
+
+def check_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:
+    """The sampling settings every entry point accepts: ``temperature >= 0`` (0 is greedy),
+    ``0 < top_p <= 1`` and ``top_k >= 0`` (0 and 1.0 disable the filters)."""
+    bad = [f"{name}={v!r} {why}" for name, v, ok, why in (
+        ("temperature", temperature, temperature >= 0, "must be >= 0 (0 is greedy)"),
+        ("top_p", top_p, 0.0 < top_p <= 1.0, "must be in (0, 1]"),
+        ("top_k", top_k, top_k >= 0, "must be >= 0 (0 disables it)")) if not ok]
+    if bad:
+        raise ValueError("; ".join(bad))
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """How a process runs the model: compute and parameter dtypes, the remat policy and the
+    attention backend. Not architecture, so never saved with the weights."""
+
+    dtype: str = "float32"  # compute dtype of the matmuls; bfloat16 on accelerators
+    param_dtype: str = "float32"  # storage dtype of the parameters
+    remat_policy: str = "none"  # none | full | dots | dots_no_batch | dots_except_mlp | offload
+    attention_impl: str = "auto"  # auto | xla | splash | cudnn | splash_interpret (no-cache path only)
+
+    def __post_init__(self):
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r} is not one of {list(REMAT_POLICIES)}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl={self.attention_impl!r} is not one of {list(ATTENTION_IMPLS)}")
+
+    def replace(self, **kw) -> "RunSettings":
+        return dataclasses.replace(self, **kw)

@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from mufun_jax.cli import ArgumentParser
+
 
 def prepare(out_dir: str | Path, *, n_train: int = 960, n_eval: int = 48, seed: int = 0) -> dict:
     from mufun_jax.data.synth import make_dataset
@@ -51,7 +53,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 1
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mufun_jax.demo", description=__doc__,
+    ap = ArgumentParser(prog="python -m mufun_jax.demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("prepare", help="synthesise the dataset and build the tokenizer")

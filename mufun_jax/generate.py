@@ -35,12 +35,11 @@ import numpy as np
 from flax import nnx
 
 from mufun_jax import audio as audio_lib
-from mufun_jax.config import ENDOFTEXT_ID, IM_END_ID, IMAGE_TOKEN_INDEX
+from mufun_jax.config import ENDOFTEXT_ID, IM_END_ID, IMAGE_TOKEN_INDEX, check_sampling
 from mufun_jax.models.qwen3 import KVCache
 from mufun_jax.splice import expand_placeholders
 
 DEFAULT_EOS_TOKEN_ID = (IM_END_ID, ENDOFTEXT_ID)  # `<|im_end|>` ends an instruct answer, `<|endoftext|>` a base one
-DEFAULT_BUCKETS = (256, 512, 1024, 2048, 4096)
 _STOP_PAD = 8  # stop-id arrays are padded to a multiple of this, so their count rarely changes the shape
 
 
@@ -112,14 +111,14 @@ def choose_tokens(logits, keys, step, temperature, top_k, top_p):
     return tok, lp
 
 
-def _embed_prompt(model, input_ids, audio_slots, mel):
-    if mel is None:
-        return model.embed_inputs(input_ids)
-    return model.embed_inputs(input_ids, model.encode_audio(mel), audio_slots)
+def embed_prompt(model, input_ids, audio_slots=None, audio=None):
+    """Prompt embeddings with the audio spliced in; ``audio`` is waveform chunks or log-mel."""
+    return model.embed_inputs(input_ids, None if audio is None else model.encode_audio(audio), audio_slots)
 
 
-def _prefill(lm, embeds, lengths, cache: KVCache, chunk: int | None):
-    """Fill the cache with the prompt; returns each row's hidden state at ``length - 1`` and the cache.
+def prefill(model, embeds, lengths, cache: KVCache, chunk: int | None = None):
+    """Fill the cache with right-padded prompt embeddings (positions ``0..T-1``); returns each
+    row's hidden state at ``length - 1`` and the cache.
 
     With ``chunk``, the prompt goes through in pieces of ``chunk`` tokens (a ``lax.scan``): each
     piece attends to the slots already written, so the (T x cache) attention scores shrink to
@@ -128,7 +127,7 @@ def _prefill(lm, embeds, lengths, cache: KVCache, chunk: int | None):
     rows = jnp.arange(b)
     if chunk is None or chunk >= t:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-        h, cache = lm.hidden_states(embeds, positions, cache=cache)
+        h, cache = model.hidden_states(embeds, positions, cache=cache)
         return h[rows, lengths - 1], cache
     n = t // chunk
     pieces = jnp.swapaxes(embeds.reshape(b, n, chunk, -1), 0, 1)  # (n, B, chunk, H)
@@ -137,26 +136,32 @@ def _prefill(lm, embeds, lengths, cache: KVCache, chunk: int | None):
         cache, last = carry
         j, x = inp
         positions = jnp.broadcast_to(j * chunk + jnp.arange(chunk, dtype=jnp.int32), (b, chunk))
-        h, cache = lm.hidden_states(x, positions, cache=cache)
+        h, cache = model.hidden_states(x, positions, cache=cache)
         at = lengths - 1 - j * chunk
         here = (at >= 0) & (at < chunk)
         last = jnp.where(here[:, None], h[rows, jnp.clip(at, 0, chunk - 1)].astype(last.dtype), last)
         return (cache, last), None
 
-    init = (cache, jnp.zeros((b, embeds.shape[-1]), lm.dtype))
+    init = (cache, jnp.zeros((b, embeds.shape[-1]), model.dtype))
     (cache, last), _ = jax.lax.scan(step, init, (jnp.arange(n, dtype=jnp.int32), pieces))
     return last, cache
 
 
-def _generate(model, max_new_tokens: int, prefill_chunk: int | None, input_ids, audio_slots, mel, lengths, row_max,
+def decode_step(model, tokens, positions, cache: KVCache):
+    """One token per row (``tokens`` (B,) at ``positions`` (B,)) through the cache: fp32 logits
+    (B, vocab) and the updated cache."""
+    h, cache = model.hidden_states(model.embed_inputs(tokens[:, None]), positions[:, None], cache=cache)
+    return model.logits(h[:, 0]), cache
+
+
+def _generate(model, max_new_tokens: int, prefill_chunk: int | None, input_ids, audio_slots, audio, lengths, row_max,
               seeds, temperature, top_k, top_p, stop_ids):
     """Prefill + ``lax.while_loop`` decode. Returns (tokens (B, N), logprobs (B, N), counts (B,),
     stopped (B,), steps run)."""
-    lm = model.language_model
     b, t = input_ids.shape
-    cache = KVCache.init(lm.cfg, b, t + max_new_tokens, dtype=lm.dtype)
-    last, cache = _prefill(lm, _embed_prompt(model, input_ids, audio_slots, mel), lengths, cache, prefill_chunk)
-    logits = lm.logits(last)  # (B, V): only each row's last prompt position
+    cache = model.init_cache(b, t + max_new_tokens)
+    last, cache = prefill(model, embed_prompt(model, input_ids, audio_slots, audio), lengths, cache, prefill_chunk)
+    logits = model.logits(last)  # (B, V): only each row's last prompt position
     keys = jax.vmap(jax.random.key)(seeds)
     is_stop = lambda tok: jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
 
@@ -174,10 +179,10 @@ def _generate(model, max_new_tokens: int, prefill_chunk: int | None, input_ids, 
 
     def body(c):
         i, cache, tokens, logprobs, counts, stopped, done = c
-        prev = jax.lax.dynamic_index_in_dim(tokens, i - 1, axis=1, keepdims=True)  # (B, 1)
-        pos = (lengths + i - 1)[:, None]  # < t + max_new_tokens - 1: every write lands in the cache
-        logits, cache = lm(inputs_embeds=lm.embed(prev), positions=pos, cache=cache)
-        tok, lp = choose_tokens(logits[:, 0], keys, i, temperature, top_k, top_p)
+        prev = jax.lax.dynamic_index_in_dim(tokens, i - 1, axis=1, keepdims=False)  # (B,)
+        pos = lengths + i - 1  # < t + max_new_tokens - 1: every write lands in the cache
+        logits, cache = decode_step(model, prev, pos, cache)
+        tok, lp = choose_tokens(logits, keys, i, temperature, top_k, top_p)
         write = ~done
         tokens = jax.lax.dynamic_update_index_in_dim(tokens, jnp.where(write, tok, 0), i, axis=1)
         logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, jnp.where(write, lp, 0.0), i, axis=1)
@@ -191,14 +196,13 @@ def _generate(model, max_new_tokens: int, prefill_chunk: int | None, input_ids, 
     return tokens, logprobs, counts, stopped, steps
 
 
-def _score(model, input_ids, audio_slots, mel, segment_ids, gather_pos, targets, valid):
+def _score(model, input_ids, audio_slots, audio, segment_ids, gather_pos, targets, valid):
     """Teacher-forced log p(target) at the gathered positions; one forward pass, no cache."""
-    lm = model.language_model
     b, t = input_ids.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    h, _ = lm.hidden_states(_embed_prompt(model, input_ids, audio_slots, mel), positions, segment_ids)
+    h, _ = model.hidden_states(embed_prompt(model, input_ids, audio_slots, audio), positions, segment_ids)
     hs = jnp.take_along_axis(h, gather_pos[..., None], axis=1)  # (B, K, H)
-    lp = jax.nn.log_softmax(lm.logits(hs), axis=-1)
+    lp = jax.nn.log_softmax(model.logits(hs), axis=-1)
     lp = jnp.take_along_axis(lp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(valid, lp, 0.0)
 
@@ -244,7 +248,7 @@ class Generator:
     """
 
     def __init__(self, model, *, max_new_tokens: int = 256, batch_size: int = 8,
-                 buckets: Sequence[int] = DEFAULT_BUCKETS, max_chunks: int | None = None,
+                 buckets: Sequence[int] = (256, 512, 1024, 2048, 4096), max_chunks: int | None = None,
                  max_batch_chunks: int | None = None, chunk_buckets: Sequence[int] | None = None,
                  eos_token_id: int | Sequence[int] | None = DEFAULT_EOS_TOKEN_ID, pad_token_id: int | None = None,
                  prefill_chunk: int | None = None):
@@ -386,9 +390,7 @@ class Generator:
         """Generate for every request (greedy when ``temperature == 0``), in order. Requests are
         grouped into batches of ``batch_size``; a request that cannot be served raises ValueError
         before anything runs (see :meth:`check`). ``eos_token_id=None`` disables stopping."""
-        if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0:
-            raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got temperature={temperature}, "
-                             f"top_p={top_p}, top_k={top_k}")
+        check_sampling(temperature, top_p, top_k)
         cap = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if not 1 <= cap <= self.max_new_tokens:
             raise ValueError(f"max_new_tokens={cap} must be in [1, {self.max_new_tokens}] (the generator's cache size)")

@@ -82,13 +82,6 @@ def logical_to_spec(axes: Sequence[str | None], rules=DEFAULT_RULES, shape: Sequ
     return PartitionSpec(*out)
 
 
-def logical_axes(tree):
-    """The ``logical_axes`` of every variable in an nnx module or state, as a same-structure tree."""
-    state = tree if isinstance(tree, nnx.State) else nnx.state(tree)
-    return jax.tree.map(lambda v: v.get_metadata("logical_axes", None), state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
 def param_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
     """NamedShardings for every variable of an nnx module or state, from its logical axes."""
     state = tree if isinstance(tree, nnx.State) else nnx.state(tree)

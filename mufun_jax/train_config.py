@@ -3,18 +3,26 @@
 Every field has a default that is sensible for the tiny CPU demo; the 8B recipes in
 ``configs/`` override what the reference scripts set. Unknown keys are errors (a typo in a
 recipe should never be silently ignored).
+
+The model section is architecture only, resolved to a typed :class:`MuFunConfig` when the
+config loads: ``{preset: NAME, ...overrides}``, overrides of ``init_from``'s saved config, or a
+whole model dict. How the model runs (``dtype``, ``param_dtype``, ``remat_policy``,
+``attention_impl``) is set at the top level and never saved with the weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from mufun_jax.config import MuFunConfig, preset
+from mufun_jax.config import RUN_KEYS, MuFunConfig, RunSettings, resolve_model
+
+log = logging.getLogger(__name__)
 
 MODULES = ("whisper", "connector", "llm")
 TRAIN_MODES = ("full", "frozen")
@@ -64,8 +72,16 @@ class MeshConfig:
 @dataclasses.dataclass
 class TrainConfig:
     output_dir: str = "runs/demo"
-    model: dict = dataclasses.field(default_factory=dict)  # {preset: NAME, ...} and/or overrides of init_from's
+    # The architecture, resolved when the config loads; None only while init_from has no saved config
+    # yet (then ``model_overrides`` waits for it, see resolve_model_config).
+    model: MuFunConfig | None = None
     init_from: str | None = None  # a converted checkpoint directory (convert_weights.py / a previous stage)
+    model_overrides: dict = dataclasses.field(default_factory=dict)  # the YAML's model section, as written
+    # run settings: how the model runs here, not saved with it
+    dtype: str = "float32"  # compute dtype of the matmuls (bfloat16 on TPU/GPU)
+    param_dtype: str = "float32"  # parameters and optimizer state
+    remat_policy: str = "none"
+    attention_impl: str = "auto"  # auto: splash on TPU, cudnn on GPU (16-bit), xla on CPU
     trainable: dict = dataclasses.field(default_factory=lambda: {m: "full" for m in MODULES})
     max_steps: int = 100
     seed: int = 0
@@ -97,12 +113,24 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
         if self.optim.schedule not in ("cosine", "constant"):
             raise ValueError(f"optim.schedule={self.optim.schedule!r} must be 'cosine' or 'constant'")
+        self.run  # validates the run settings
+
+    @property
+    def run(self) -> RunSettings:
+        return RunSettings(self.dtype, self.param_dtype, self.remat_policy, self.attention_impl)
 
     # -- building ---------------------------------------------------------------------------
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
         d = dict(d)
+        raw = dict(d.pop("model", None) or {})
+        moved = {k: raw.pop(k) for k in RUN_KEYS if k in raw}
+        if moved:  # older recipes kept run settings in the model section
+            log.info("model.%s are run settings: read as top-level keys", ", model.".join(moved))
+            for k, v in moved.items():
+                d.setdefault(k, v)
+        d.pop("model_overrides", None)  # written by to_dict; the model section is the source
         sub = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig}
         kw = {}
         for f in dataclasses.fields(cls):
@@ -111,7 +139,8 @@ class TrainConfig:
                 kw[f.name] = _build(sub[f.name], v or {}, f.name) if f.name in sub else _coerce(v, f.type, f.name)
         if d:
             raise ValueError(f"unknown training config keys {sorted(d)}; known: {[f.name for f in dataclasses.fields(cls)]}")
-        return cls(**kw)
+        kw["model"] = resolve_model_config(raw, kw.get("init_from"))
+        return cls(model_overrides=raw, **kw)
 
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] = ()) -> "TrainConfig":
@@ -136,23 +165,36 @@ class TrainConfig:
         return cls.from_dict(d)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["model"] = self.model.to_dict() if self.model is not None else dict(self.model_overrides)
+        d.pop("model_overrides")
+        return d
 
-    def model_config(self, base: MuFunConfig | None = None) -> MuFunConfig:
-        """The model: ``base`` (init_from's config) or ``model.preset``, with ``model`` overrides."""
-        d = dict(self.model)
-        name = d.pop("preset", None)
-        if base is None:
-            if name is None:
-                raise ValueError("no model: set model.preset (e.g. mufun-tiny) or init_from (a converted checkpoint)")
-            base = preset(name)
-        elif name is not None:
+    def model_config(self) -> MuFunConfig:
+        """The resolved architecture; a clear error while there is none."""
+        if self.model is not None:
+            return self.model
+        if self.init_from:
+            raise ValueError(f"init_from={self.init_from}: no MuFun model there (no mufun_config.json); convert a "
+                             "checkpoint with convert_weights.py import, or run the previous stage first")
+        raise ValueError("no model: set model.preset (e.g. mufun-tiny) or init_from (a model directory)")
+
+
+def resolve_model_config(model: Mapping[str, Any], init_from: str | None) -> MuFunConfig | None:
+    """The model section -> a typed config: ``{preset: NAME, ...}`` (the preset plus overrides),
+    overrides of ``init_from``'s saved config, or a whole model dict. None when ``init_from`` has no
+    saved config yet (a later stage configured before the earlier one ran)."""
+    model = dict(model)
+    name = model.pop("preset", None)
+    if name is not None:
+        if init_from:
             raise ValueError("give model.preset or init_from, not both (init_from carries its own config)")
-        merged = base.to_dict()
-        for k in ("whisper", "qwen3"):
-            merged[k] = {**merged[k], **(d.pop(k, None) or {})}
-        merged.update(d)
-        return MuFunConfig.from_dict(merged)
+        return resolve_model(name, model)
+    if init_from:
+        from mufun_jax.checkpoint import has_model, load_config
+
+        return resolve_model(load_config(init_from), model) if has_model(init_from) else None
+    return MuFunConfig.from_dict(model) if model else None
 
 
 def _build(cls, d: Mapping[str, Any], where: str):

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,11 +29,12 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mufun_jax import audio
-from mufun_jax.config import IGNORE_INDEX, MuFunConfig
+from mufun_jax import checkpoint
+from mufun_jax.metrics import MetricsWriter
+from mufun_jax.config import IGNORE_INDEX, MuFunConfig, RunSettings
 from mufun_jax.models import MuFun
 from mufun_jax.models.layers import FrozenParam
-from mufun_jax.sharding import logical_to_spec, make_mesh
+from mufun_jax.sharding import make_mesh, param_shardings
 from mufun_jax.train_config import MODULES, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -93,18 +93,6 @@ def trainable_paths(model: nnx.Module, trainable: dict[str, str]) -> set[tuple[s
     return out
 
 
-def param_shardings(model: nnx.Module, mesh) -> dict:
-    """NamedShardings for every variable, as a nested dict matching ``nnx.to_pure_dict``."""
-    flat = {}
-    for path, v in nnx.iter_graph(model):
-        if isinstance(v, nnx.Variable):
-            axes = v.get_metadata("logical_axes", None)
-            if axes is None:
-                raise ValueError(f"parameter {'.'.join(map(str, path))} has no logical_axes metadata")
-            flat[tuple(str(p) for p in path)] = NamedSharding(mesh, logical_to_spec(axes, shape=v.shape, mesh=mesh))
-    return _unflatten(flat)
-
-
 # -- optimizer -------------------------------------------------------------------------------------
 
 
@@ -138,8 +126,9 @@ def next_token_targets(labels, segment_ids):
     return jnp.concatenate([shifted, jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
 
 
-def nll_sums(lm, hidden, targets, chunk: int = 0):
-    """(sum of -log p(target), number of targets) over targets != -100.
+def nll_sums(logits_fn, hidden, targets, chunk: int = 0):
+    """(sum of -log p(target), number of targets) over targets != -100; ``logits_fn`` maps hidden
+    states to fp32 logits (``model.logits``).
 
     With ``chunk > 0`` the vocabulary projection runs over ``chunk`` tokens at a time inside a
     rematerialised scan, so the fp32 ``[tokens, vocab]`` logits never exist at once."""
@@ -147,7 +136,7 @@ def nll_sums(lm, hidden, targets, chunk: int = 0):
     t = targets.reshape(-1)
 
     def piece(h, t):
-        logits = lm.logits(h)
+        logits = logits_fn(h)
         valid = t != IGNORE_INDEX
         gold = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[:, None], axis=-1)[:, 0]
         nll = jax.nn.logsumexp(logits, axis=-1) - gold
@@ -168,12 +157,11 @@ def nll_sums(lm, hidden, targets, chunk: int = 0):
 
 
 def loss_sums(model: MuFun, batch: dict, loss_chunk: int = 0):
-    """One packed micro-batch -> (sum of token NLL, label-token count). Mel runs on the device."""
-    mel = audio.log_mel_spectrogram(batch["waves"], model.cfg.whisper.num_mel_bins)
-    embeds = model.embed_inputs(batch["input_ids"], model.encode_audio(mel), batch["audio_slots"])
-    hidden, _ = model.language_model.hidden_states(embeds, batch["positions"], batch["segment_ids"])
-    return nll_sums(model.language_model, hidden, next_token_targets(batch["labels"], batch["segment_ids"]),
-                    loss_chunk)
+    """One packed micro-batch -> (sum of token NLL, label-token count). The log-mel of the
+    waveforms runs on the device, inside ``encode_audio``."""
+    embeds = model.embed_inputs(batch["input_ids"], model.encode_audio(batch["waves"]), batch["audio_slots"])
+    hidden, _ = model.hidden_states(embeds, batch["positions"], batch["segment_ids"])
+    return nll_sums(model.logits, hidden, next_token_targets(batch["labels"], batch["segment_ids"]), loss_chunk)
 
 
 # -- the trainer -----------------------------------------------------------------------------------
@@ -182,16 +170,17 @@ def loss_sums(model: MuFun, batch: dict, loss_chunk: int = 0):
 class Trainer:
     """Shardings, initialisation and the jitted train / eval steps for one model and mesh."""
 
-    def __init__(self, cfg: TrainConfig, model_cfg: MuFunConfig, mesh):
+    def __init__(self, cfg: TrainConfig, model_cfg: MuFunConfig, mesh, run: RunSettings | None = None):
         self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
-        abstract = nnx.eval_shape(lambda: MuFun(model_cfg, rngs=nnx.Rngs(0)))
+        self.run = cfg.run if run is None else run
+        abstract = checkpoint.abstract_model(model_cfg, self.run)
         self.graphdef = nnx.graphdef(abstract)
         self.trainable = trainable_paths(abstract, cfg.trainable)
         self.tx = make_optimizer(cfg)
         self.schedule = lr_schedule(cfg)
         rep = NamedSharding(mesh, P())
         self.replicated = rep
-        train_sh, frozen_sh = partition(param_shardings(abstract, mesh), self.trainable)
+        train_sh, frozen_sh = partition(nnx.to_pure_dict(param_shardings(abstract, mesh)), self.trainable)
         abstract_params = nnx.to_pure_dict(nnx.state(abstract))
         abstract_train, _ = partition(abstract_params, self.trainable)
         opt_abstract = jax.eval_shape(self.tx.init, abstract_train)
@@ -212,10 +201,10 @@ class Trainer:
         random initialisation computed directly into its shards."""
         shardings = combine(self.state_shardings["params"], self.state_shardings["frozen"])
         if params is None:
-            init = lambda k: nnx.to_pure_dict(nnx.state(MuFun(self.model_cfg, rngs=nnx.Rngs(k))))
+            init = lambda k: nnx.to_pure_dict(nnx.state(MuFun(self.model_cfg, self.run, rngs=nnx.Rngs(k))))
             params = jax.jit(init, out_shardings=shardings)(key)
         else:
-            dt = jnp.dtype(self.model_cfg.param_dtype)
+            dt = jnp.dtype(self.run.param_dtype)
             params = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(dt), p), out_shardings=shardings)(params)
         train, frozen = partition(params, self.trainable)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(train)
@@ -348,83 +337,17 @@ def _epath(p):
 
 
 def export_model(state: dict, model_cfg: MuFunConfig, tokenizer, dst) -> None:
-    """Write the trained parameters as a converted-checkpoint directory (``mufun_config.json``,
-    ``params/``, tokenizer), which ``init_from``, ``infer.py`` and ``convert_weights.py export``
-    read. Staged in a sibling and renamed, so ``dst`` is never half-written."""
-    import orbax.checkpoint.experimental.v1 as ocpv1
-    from jax.experimental import multihost_utils
-
-    from mufun_jax.weights import CONFIG_NAME, PARAMS_DIR
-
-    dst = _epath(dst)
-    tmp = dst.parent / f".{dst.name}.tmp"
-    main = jax.process_index() == 0
-    if main:
-        if tmp.exists():
-            tmp.rmtree()
-        tmp.mkdir(parents=True)
-    multihost_utils.sync_global_devices("mufun_export_start")
-    ocpv1.save_pytree(tmp / PARAMS_DIR, combine(state["params"], state["frozen"]))
-    if main:
-        (tmp / CONFIG_NAME).write_text(json.dumps(model_cfg.to_dict(), indent=2))
-        if tokenizer is not None:
-            local = Path(f"/tmp/mufun-tok-{os.getpid()}")
-            tokenizer.save_pretrained(str(local))
-            for f in local.iterdir():
-                (tmp / f.name).write_bytes(f.read_bytes())
-            shutil.rmtree(local, ignore_errors=True)
-        old = dst.parent / f".{dst.name}.old"
-        if dst.exists():
-            dst.rename(old)
-        tmp.rename(dst)
-        if old.exists():
-            old.rmtree()
-    multihost_utils.sync_global_devices("mufun_export_done")
-
-
-# -- metrics ---------------------------------------------------------------------------------------
-
-
-class MetricsWriter:
-    """Scalars to ``metrics.jsonl`` (one object a line, appended across restarts) and to TensorBoard
-    event files. Only process 0 writes."""
-
-    def __init__(self, log_dir: str | Path, enabled: bool = True):
-        self.enabled = enabled
-        self.log_dir = Path(log_dir)
-        self._tb = None
-        if enabled:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(self.log_dir / "metrics.jsonl", "a")
-            try:
-                from tensorboardX import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.log_dir / "tensorboard"))
-            except ImportError:  # optional: JSONL is always written
-                log.warning("tensorboardX is not installed; metrics go to metrics.jsonl only")
-
-    def write(self, step: int, scalars: dict) -> None:
-        if not self.enabled:
-            return
-        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
-        self._jsonl.flush()
-        if self._tb is not None:
-            for k, v in scalars.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
-            self._tb.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self._jsonl.close()
-            if self._tb is not None:
-                self._tb.close()
+    """Write the trained parameters as a model directory (:mod:`mufun_jax.checkpoint`: the same
+    layout the converter writes), which ``init_from``, inference and ``convert_weights.py export``
+    read. Run settings are not saved with it."""
+    checkpoint.save_model(dst, model_cfg, combine(state["params"], state["frozen"]), tokenizer=tokenizer,
+                          overwrite=True)
 
 
 # -- data ------------------------------------------------------------------------------------------
 
 
-def make_loader(cfg: TrainConfig, tokenizer, mesh, *, eval: bool = False):
+def make_loader(cfg: TrainConfig, model_cfg: MuFunConfig, tokenizer, mesh, *, eval: bool = False):
     """This host's loader. Rows and chunks are split over data x fsdp devices, then over hosts."""
     from mufun_jax.data.loader import Loader, LoaderConfig
     from mufun_jax.data.packing import PackConfig
@@ -441,7 +364,8 @@ def make_loader(cfg: TrainConfig, tokenizer, mesh, *, eval: bool = False):
             raise ValueError(f"{name}={v} must be divisible by mesh data x fsdp = {devices} (rows and audio chunks "
                              "are split over those devices)")
     pack = PackConfig(batch_size=d.batch_size // n, seq_len=d.seq_len, max_chunks=d.max_chunks // n,
-                      pack=d.pack, too_long=d.too_long, pad_token_id=_pad_id(tokenizer))
+                      tokens_per_chunk=model_cfg.tokens_per_chunk, pack=d.pack, too_long=d.too_long,
+                      pad_token_id=_pad_id(tokenizer))
     root = d.audio_root if d.audio_root is not None else str(Path(path).parent)
     return Loader(LoaderConfig(dataset=path, pack=pack, template=d.template, audio_root=root, seed=d.seed,
                                shuffle=d.shuffle and not eval, num_epochs=1 if eval else d.num_epochs,
@@ -468,7 +392,7 @@ def maybe_initialize_distributed(flag: bool | None) -> None:
 
 
 def evaluate(trainer: Trainer, state: dict, cfg: TrainConfig, tokenizer) -> dict:
-    loader = make_loader(cfg, tokenizer, trainer.mesh, eval=True)
+    loader = make_loader(cfg, trainer.model_cfg, tokenizer, trainer.mesh, eval=True)
     s = n = 0.0
     for i, batch in enumerate(loader):
         if cfg.eval_batches is not None and i >= cfg.eval_batches:
@@ -480,17 +404,8 @@ def evaluate(trainer: Trainer, state: dict, cfg: TrainConfig, tokenizer) -> dict
 
 
 def load_init_params(trainer: Trainer, path) -> dict:
-    from mufun_jax.weights import load_params, param_metadata
-
-    want = {p: tuple(s.shape) for p, s in _flatten(trainer.abstract_params()).items()}
-    have = {p: shape for p, (shape, _) in param_metadata(path).items()}
-    missing = sorted(set(want) - set(have))
-    wrong = [(p, have[p], want[p]) for p in want if p in have and have[p] != want[p]]
-    if missing or wrong:
-        raise ValueError(f"init_from={path}: does not match the model config: missing {['.'.join(p) for p in missing[:5]]}"
-                         f", shape mismatches {[('.'.join(p), h, w) for p, h, w in wrong[:5]]}")
-    shardings = combine(trainer.state_shardings["params"], trainer.state_shardings["frozen"])
-    return load_params(path, shardings=shardings)
+    """``init_from``'s parameters, read straight into the trainer's shardings and param dtype."""
+    return checkpoint.load_params(path, trainer.abstract_params())
 
 
 def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, dict], None] | None = None) -> dict:
@@ -498,13 +413,12 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
     from tqdm.auto import tqdm
 
     from mufun_jax.data.dataset import dataset_tokenizer
-    from mufun_jax.weights import load_config
 
     maybe_initialize_distributed(cfg.distributed)
     if cfg.data.dataset is None:
         raise ValueError("data.dataset is not set: give the training JSON / JSONL")
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
-    model_cfg = cfg.model_config(load_config(cfg.init_from) if cfg.init_from else None)
+    model_cfg = cfg.model_config()
     tok_dir = cfg.data.tokenizer or cfg.init_from
     if tok_dir is None:
         raise ValueError("no tokenizer: set data.tokenizer (a tokenizer directory) or init_from")
@@ -518,7 +432,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     trainer = Trainer(cfg, model_cfg, mesh)
-    loader = make_loader(cfg, tokenizer, mesh)
+    loader = make_loader(cfg, model_cfg, tokenizer, mesh)
     mngr = checkpoint_manager(cfg)
     start = mngr.latest_step()
     if start is not None:
@@ -566,7 +480,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
                     f"step {step}: loss={m['loss']} grad_norm={m['grad_norm']} is not finite; the update was not "
                     f"applied and no checkpoint of it was written. The last good checkpoint is step "
                     f"{mngr.latest_step()}. Lower optim.lr, check the data (the samples of this step were "
-                    f"{_ids(micro)}), or use float32 compute (model.dtype=float32).")
+                    f"{_ids(micro)}), or use float32 compute (dtype=float32).")
             tokens_since += sum(int((mb["segment_ids"] != 0).sum()) for mb in micro) * jax.process_count()
             m["lr"] = float(trainer.schedule(step - 1))
             m["samples"] = sum(len(mb["sample_ids"]) for mb in micro) * jax.process_count()

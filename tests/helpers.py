@@ -22,9 +22,9 @@ def small_cfg() -> MuFunConfig:
                                         connector_type="blp_3i_2x")
 
 
-def jax_mufun_from_torch(ref, cfg: MuFunConfig) -> MuFun:
+def jax_mufun_from_torch(ref, cfg: MuFunConfig, run=None) -> MuFun:
     """A JAX MuFun whose weights come from the torch reference through the converter's mapping."""
-    model = MuFun(cfg, rngs=nnx.Rngs(123))
+    model = MuFun(cfg, run, rngs=nnx.Rngs(123))
     load_params(model, torch_to_flax(ref.combined_state_dict(), cfg))
     return model
 

@@ -40,11 +40,11 @@ def _compiled(topo, fn, *shapes_specs):
 
 
 def test_topologies_resolve():
-    assert aot._resolve_topology("v5p-128")[1] == "v5:4x4x4"
-    assert aot._resolve_topology("v6e-64")[1:] == ("v6e:8x8", aot.TPU_SPECS["v6e"])
-    assert aot._resolve_topology("v5e:2x2")[0] == "v5e"
+    assert aot.resolve_topology("v5p-128")[1] == "v5:4x4x4"
+    assert aot.resolve_topology("v6e-64")[1:] == ("v6e:8x8", aot.TPU_SPECS["v6e"])
+    assert aot.resolve_topology("v5e:2x2")[0] == "v5e"
     with pytest.raises(ValueError, match="unknown TPU topology"):
-        aot._resolve_topology("v9-1")
+        aot.resolve_topology("v9-1")
 
 
 def test_hlo_flops_multiplies_loops_and_reads_tpu_convolutions(v5e4):
@@ -84,9 +84,9 @@ def test_out_of_memory_is_reported_not_raised():
     mesh = aot.topology_mesh(topo, 1, 1, 1)
     x = jax.ShapeDtypeStruct((4, 2**30), jnp.float32, sharding=NamedSharding(mesh, P()))  # 16 GiB in, 16 out
     r = aot.AotResult("test", topo.name, 1, 1, {}, topo.hbm_bytes, False)
-    assert aot._compile(r, jax.jit(lambda x: x * 2), (x,), mesh) is None
+    assert aot.compile_step(r, jax.jit(lambda x: x * 2), (x,), mesh) is None
     assert not r.fits and r.peak_bytes > 16 * aot.GiB and "RESOURCE_EXHAUSTED" in r.detail
-    assert "does not fit v5e-1" in aot._not_fitting([r])
+    assert "does not fit v5e-1" in aot.not_fitting([r])
 
 
 def test_tiny_train_step_compiles_for_a_v5e_slice(v5e4):
@@ -95,7 +95,7 @@ def test_tiny_train_step_compiles_for_a_v5e_slice(v5e4):
 
     from mufun_jax.models import MuFun
 
-    cfg = TrainConfig.from_dict(dict(model={"preset": "mufun-tiny", "dtype": "bfloat16", "remat_policy": "full"},
+    cfg = TrainConfig.from_dict(dict(model={"preset": "mufun-tiny"}, dtype="bfloat16", remat_policy="full",
                                      data=dict(batch_size=4, seq_len=384, max_chunks=4), loss_chunk=256,
                                      optim=dict(grad_accum=2)))
     keep = {}
@@ -118,27 +118,36 @@ def test_tiny_train_step_compiles_for_a_v5e_slice(v5e4):
 
 
 def test_8b_model_flops_are_6nd_plus_attention():
+    """The shared FLOP formulas (mufun_jax.flops), checked against Qwen3-8B's own arithmetic."""
+    from mufun_jax import flops
+
     cfg = preset("mufun-8b")
     q = cfg.qwen3
     full = {"whisper": "full", "connector": "full", "llm": "full"}
     warm = {"whisper": "frozen", "connector": "full", "llm": "frozen"}
-    k = aot._kernel_sizes(cfg)
-    n_llm = q.num_hidden_layers * k["llm_layer"] + k["lm_head"]
+    h, hd = q.hidden_size, q.head_dim
+    n_llm = q.num_hidden_layers * (h * hd * (q.num_attention_heads + 2 * q.num_key_value_heads)
+                                   + q.num_attention_heads * hd * h + 3 * h * q.intermediate_size) + h * q.vocab_size
     assert 7.5e9 < n_llm < 8.3e9  # Qwen3-8B without the input embedding
     rows, seq = 192, 4096
-    attn = 3 * 4 * rows * q.num_hidden_layers * seq**2 * q.num_attention_heads * q.head_dim
-    assert aot.train_model_flops(cfg, full, rows, seq, 0) == pytest.approx(6 * n_llm * rows * seq + attn)
+    attn = 3 * 4 * rows * q.num_hidden_layers * seq * (seq + 1) / 2 * q.num_attention_heads * q.head_dim  # causal
+    assert flops.train_flops(cfg, full, 0, [seq] * rows) == pytest.approx(6 * n_llm * rows * seq + attn)
     # warmup: the frozen LLM still runs backward (input gradients) for the connector: 4ND, not 2ND
-    assert aot.train_model_flops(cfg, warm, rows, seq, 0) == pytest.approx(4 * n_llm * rows * seq + attn)
+    assert flops.train_flops(cfg, warm, 0, [seq] * rows) == pytest.approx(4 * n_llm * rows * seq + attn)
+    # Whisper counts the layers up to the deepest tap: 32 of 32 for MuFun, 15 with taps ending at 15
+    w = flops.forward_flops(cfg, 1, [])["enc_a"]
+    short = flops.forward_flops(cfg.replace(taps=(0, 7, 15), connector_type="blp_3i_2x"), 1, [])["enc_a"]
+    assert short == pytest.approx(w * 15 / 32)
 
 
 def test_train_cli_compile_only_needs_a_topology(capsys):
+    from mufun_jax.aot.__main__ import main as aot_main
     from mufun_jax.cli import train_main
 
     with pytest.raises(SystemExit) as e:
         train_main(["--config", str(ROOT / "configs/demo.yaml"), "--compile_only"])
     assert e.value.code == 2 and "--topology" in capsys.readouterr().err
-    assert aot.main(["topologies"]) == 0 and "v5p-128" in capsys.readouterr().out
+    assert aot_main(["topologies"]) == 0 and "v5p-128" in capsys.readouterr().out
 
 
 def test_train_cli_compiles_a_two_slice_job(tmp_path, capsys):
@@ -151,7 +160,7 @@ def test_train_cli_compiles_a_two_slice_job(tmp_path, capsys):
     assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
     assert [{d.slice_index for d in mesh.devices[i].ravel()} for i in range(2)] == [{0}, {1}]
     config = tmp_path / "tiny.yaml"
-    config.write_text("model: {preset: mufun-tiny, dtype: bfloat16, remat_policy: full}\n"
+    config.write_text("model: {preset: mufun-tiny}\ndtype: bfloat16\nremat_policy: full\n"
                       "data: {batch_size: 8, seq_len: 384, max_chunks: 8}\nloss_chunk: 256\n")
     with jax.default_matmul_precision("default"):
         code = train_main(["--config", str(config), "--compile_only", "--topology", "v5e-4", "--num_slices", "2"])
@@ -189,14 +198,14 @@ WIRING = textwrap.dedent(r"""
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec as P
     jax.config.update("jax_default_matmul_precision", "highest")
-    from mufun_jax.config import preset
+    from mufun_jax.config import RunSettings, preset
     from mufun_jax.models import MuFun
     from mufun_jax.sharding import make_mesh, param_shardings
     from mufun_jax.splice import SpliceSample, collate
 
     cfg = preset("mufun-tiny")
     graphdef, state = nnx.split(MuFun(cfg, rngs=nnx.Rngs(0)))
-    kernel = nnx.graphdef(nnx.eval_shape(lambda: MuFun(cfg.replace(attention_impl="splash_interpret"),
+    kernel = nnx.graphdef(nnx.eval_shape(lambda: MuFun(cfg, RunSettings(attention_impl="splash_interpret"),
                                                         rngs=nnx.Rngs(0))))
     rng = np.random.default_rng(0)
     samples = [SpliceSample([*rng.integers(1, 500, 3), -200, *rng.integers(1, 500, 4 + i)], [1]) for i in range(4)]

@@ -115,8 +115,8 @@ def test_converted_and_torch_dirs_give_the_same_model(setup):
 
     bf16 = mufun_jax.MuFun.from_pretrained(d / "conv", dtype="bfloat16", **KW)
     assert {str(x.dtype) for x in jax.tree.leaves(nnx.state(bf16.model))} == {"bfloat16"}
-    assert bf16.model.cfg.dtype == "bfloat16"
-    with pytest.raises(Exception, match="neither a converted MuFun directory"):
+    assert bf16.model.run.dtype == "bfloat16"
+    with pytest.raises(Exception, match="neither a MuFun model directory"):
         mufun_jax.MuFun.from_pretrained(d / "tok")
 
 

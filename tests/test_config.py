@@ -74,17 +74,39 @@ def test_hidden_size_3584_is_rejected():
         MuFunConfig.from_tinyllava(tinyllava_config(hidden_size=3584))
 
 
-def test_yaml_files_equal_presets():
-    assert MuFunConfig.from_yaml(CONFIGS / "mufun-8b.yaml") == preset("mufun-8b")
-    assert MuFunConfig.from_yaml(CONFIGS / "mufun-tiny.yaml") == preset("mufun-tiny")
+def test_yaml_round_trips_the_presets(tmp_path):
+    import yaml
+
+    for name in ("mufun-8b", "mufun-tiny"):
+        p = tmp_path / f"{name}.yaml"
+        p.write_text(yaml.safe_dump(preset(name).to_dict()))
+        assert MuFunConfig.from_yaml(p) == preset(name)
 
 
 def test_yaml_preset_with_overrides(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("model:\n  preset: mufun-8b\n  dtype: bfloat16\n  remat_policy: full\n  qwen3: {num_hidden_layers: 2}\n")
+    p.write_text("model:\n  preset: mufun-8b\n  qwen3: {num_hidden_layers: 2}\n  taps: [0, 7, 15, 31]\n")
     cfg = MuFunConfig.from_yaml(p)
-    assert (cfg.dtype, cfg.remat_policy, cfg.qwen3.num_hidden_layers, cfg.qwen3.hidden_size) == (
-        "bfloat16", "full", 2, 4096)
+    assert (cfg.qwen3.num_hidden_layers, cfg.qwen3.hidden_size, cfg.taps) == (2, 4096, (0, 7, 15, 31))
+    assert cfg.whisper == preset("mufun-8b").whisper
+
+
+def test_run_settings_are_not_architecture(tmp_path, caplog):
+    """dtype / remat / attention backend are run settings: never saved with the model, ignored (with
+    one info line) when an older directory saved them, refused as model overrides."""
+    from mufun_jax.config import RunSettings, resolve_model
+
+    assert not {"dtype", "param_dtype", "remat_policy", "attention_impl"} & set(preset("mufun-tiny").to_dict())
+    old = {**preset("mufun-tiny").to_dict(), "dtype": "bfloat16", "attention_impl": "splash"}
+    with caplog.at_level("INFO", logger="mufun_jax.config"):
+        assert MuFunConfig.from_dict(old) == preset("mufun-tiny")
+    assert sum("ignoring run settings" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(ValueError, match="run settings"):
+        resolve_model("mufun-tiny", {"dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="remat_policy='nope'"):
+        RunSettings(remat_policy="nope")
+    with pytest.raises(ValueError, match="attention_impl='flash'"):
+        RunSettings(attention_impl="flash")
 
 
 @pytest.mark.parametrize("bad", [{"dtypo": "float32"}, {"qwen3": {"hiden_size": 8}}])

@@ -2,10 +2,6 @@
 shards, worker processes that change nothing, and global arrays on an 8-device mesh."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -77,28 +73,3 @@ def test_hosts_read_disjoint_shards(dataset, qwen_tok):
 
 def test_worker_processes_change_nothing(dataset, qwen_tok):
     assert ids(Loader(cfg(dataset, worker_count=2), qwen_tok)) == ids(Loader(cfg(dataset), qwen_tok))
-
-
-SCRIPT = textwrap.dedent(r"""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    import numpy as np
-    from mufun_jax.data.loader import to_global
-    from mufun_jax.sharding import make_mesh
-    mesh = make_mesh(data=2, fsdp=4)
-    batch = {"input_ids": np.arange(8 * 16, dtype=np.int32).reshape(8, 16),
-             "waves": np.ones((8, 480000), np.float32), "sample_ids": np.array(list("abcdefgh"), dtype=object)}
-    g = to_global(batch, mesh)
-    assert set(g) == {"input_ids", "waves"}
-    assert g["input_ids"].shape == (8, 16) and len(g["input_ids"].sharding.device_set) == 8
-    assert g["input_ids"].addressable_shards[0].data.shape == (1, 16)
-    np.testing.assert_array_equal(np.asarray(g["input_ids"]), batch["input_ids"])
-    print("GLOBAL_OK")
-""")
-
-
-def test_global_arrays_on_the_mesh():
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0 and "GLOBAL_OK" in r.stdout, r.stderr[-3000:]

@@ -8,7 +8,7 @@ import torch
 
 from conftest import FP32_TOL, rel_err
 from helpers import jax_mufun_from_torch, random_mel
-from mufun_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX as AUDIO, preset
+from mufun_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX as AUDIO, RunSettings, preset
 from mufun_jax.splice import SpliceSample, collate, expand_placeholders
 from torch_reference import TorchMuFun
 
@@ -65,7 +65,7 @@ def test_mufun_bfloat16_compute(setup):
     """bf16 matmuls (fp32 params) against the fp32 reference. Stated tolerance: 5e-2 x max |torch|,
     and the argmax token agrees on at least 95 % of real positions."""
     cfg, ref, samples, audios = setup
-    model = jax_mufun_from_torch(ref, cfg.replace(dtype="bfloat16"))
+    model = jax_mufun_from_torch(ref, cfg, RunSettings(dtype="bfloat16"))
     got, want, mask, _ = run_both(cfg, ref, samples, audios, model)
     err = rel_err(got[mask], want[mask])
     agree = float(np.mean(got[mask].argmax(-1) == want[mask].argmax(-1)))

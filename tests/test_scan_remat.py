@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mufun_jax.config import preset
+from mufun_jax.config import RunSettings, preset
 from mufun_jax.models import MuFun, Qwen3ForCausalLM
 
 
@@ -26,8 +26,7 @@ def test_traced_program_does_not_grow_with_depth():
 
 
 def loss_and_grads(policy: str):
-    cfg = preset("mufun-tiny").replace(remat_policy=policy)
-    model = MuFun(cfg, rngs=nnx.Rngs(0))
+    model = MuFun(preset("mufun-tiny"), RunSettings(remat_policy=policy), rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     ids = jnp.asarray(np.r_[rng.integers(1, 500, 3), np.full(300, -200), rng.integers(1, 500, 5)][None], jnp.int32)
     slots = jnp.asarray(np.r_[np.full(3, -1), np.arange(300), np.full(5, -1)][None], jnp.int32)

@@ -86,15 +86,14 @@ def test_targets_never_cross_samples():
 
 def test_chunked_loss_equals_full_loss_and_gradients():
     model = jax_mufun_from_torch(TorchMuFun(CFG, seed=1), CFG)
-    lm = model.language_model
     rng = np.random.default_rng(1)
     h = jnp.asarray(rng.standard_normal((2, 37, CFG.qwen3.hidden_size)), jnp.float32)
     t = jnp.asarray(np.where(rng.random((2, 37)) < 0.3, IGNORE_INDEX, rng.integers(0, 512, (2, 37))))
-    full = jax.value_and_grad(lambda h: nll_sums(lm, h, t)[0])(h)
-    chunked = jax.value_and_grad(lambda h: nll_sums(lm, h, t, chunk=8)[0])(h)
+    full = jax.value_and_grad(lambda h: nll_sums(model.logits, h, t)[0])(h)
+    chunked = jax.value_and_grad(lambda h: nll_sums(model.logits, h, t, chunk=8)[0])(h)
     assert rel_err(chunked[0], full[0]) < 1e-6
     assert rel_err(chunked[1], full[1]) < 1e-5
-    assert float(nll_sums(lm, h, t, chunk=8)[1]) == float(jnp.sum(t != IGNORE_INDEX))
+    assert float(nll_sums(model.logits, h, t, chunk=8)[1]) == float(jnp.sum(t != IGNORE_INDEX))
 
 
 # -- steps -----------------------------------------------------------------------------------------
@@ -204,8 +203,84 @@ def test_shipped_configs_parse(name):
         assert cfg.optim.lr == 2e-5 and cfg.optim.schedule == "cosine" and cfg.optim.warmup_ratio == 0.03
         assert cfg.optim.weight_decay == 0.0 and cfg.data.seq_len == 4096
         assert cfg.data.batch_size * cfg.optim.grad_accum == (384 if name != "mufun8b_finetune" else 192)
-        assert cfg.model["dtype"] == "bfloat16" and cfg.init_from
+        assert cfg.dtype == "bfloat16" and cfg.remat_policy == "full" and cfg.init_from
         warm = name == "mufun8b_warmup"
         assert cfg.trainable == ({"whisper": "frozen", "connector": "full", "llm": "frozen"} if warm
                                  else {"whisper": "full", "connector": "full", "llm": "full"})
         assert cfg.data.template == ("pretrain" if warm else "qwen2_instruct")
+
+
+def test_pool_stride_10_packs_its_own_audio_slots_and_trains(tmp_path):
+    """The packer takes tokens_per_chunk from the model config: a model with AvgPool stride 10 (150
+    audio tokens per 30 s chunk) gets each audio in its own slots, so its packed logits equal its
+    one-sample-per-row logits; and train() runs on it."""
+    from flax import nnx
+
+    from helpers import SMALL_MODEL, tiny_train_data
+    from mufun_jax.data.dataset import dataset_tokenizer
+    from mufun_jax.models import MuFun
+    from mufun_jax.train_lib import make_loader, train
+
+    data = tiny_train_data(tmp_path, n=8)
+    base = dict(output_dir=str(tmp_path / "run"), model={**SMALL_MODEL, "pool_stride": 10}, max_steps=2,
+                progress=False, data=dict(dataset=str(data / "train.json"), tokenizer=str(data / "tok"),
+                                          batch_size=2, seq_len=1024, max_chunks=4, shuffle=False))
+    cfg = TrainConfig.from_dict(base)
+    assert cfg.model.tokens_per_chunk == 150
+    tok = dataset_tokenizer(data / "tok")
+    mesh = one_device_mesh()
+    packed = next(make_loader(cfg, cfg.model, tok, mesh))
+    single = TrainConfig.from_dict({**base, "data": {**base["data"], "pack": False, "batch_size": 8,
+                                                     "max_chunks": 8}})
+    rows = next(make_loader(single, single.model, tok, mesh))
+    assert packed["segment_ids"].max() >= 2  # several samples share a row
+    model = MuFun(cfg.model, rngs=nnx.Rngs(0))
+    fwd = jax.jit(lambda m, b: m(b["input_ids"], b["waves"], b["audio_slots"], positions=b["positions"],
+                                 segment_ids=b["segment_ids"])[0])
+    got, want = np.asarray(fwd(model, as_jnp(packed))), np.asarray(fwd(model, as_jnp(rows)))
+
+    def per_sample(batch):
+        out, ids = {}, iter(batch["sample_ids"])
+        for r in range(batch["segment_ids"].shape[0]):
+            for k in range(1, batch["segment_ids"][r].max() + 1):
+                out[next(ids)] = (r, batch["segment_ids"][r] == k)
+        return out
+
+    mine, theirs = per_sample(packed), per_sample(rows)
+    for sid, (r, where) in mine.items():
+        r2, where2 = theirs[sid]
+        assert (packed["audio_slots"][r][where] >= 0).sum() == 150  # one 1-2 s clip: one chunk, 150 slots
+        assert rel_err(got[r][where], want[r2][where2]) < 1e-5, sid
+    result = train(cfg)
+    assert result["step"] == 2 and np.isfinite(result["loss"])
+
+
+def test_model_trained_with_the_tpu_kernel_serves_on_cpu(tmp_path):
+    """Run settings are not saved with the weights: a model trained with attention_impl
+    splash_interpret exports a config without it, and loads and answers on CPU with the default
+    (auto: xla here) backend."""
+    import json
+
+    import mufun_jax
+    from helpers import SMALL_MODEL, tiny_train_data
+    from mufun_jax.train_lib import train
+
+    data = tiny_train_data(tmp_path, n=4)
+    cfg = TrainConfig.from_dict(dict(
+        output_dir=str(tmp_path / "run"), model=SMALL_MODEL, max_steps=1, progress=False,
+        attention_impl="splash_interpret", dtype="float32",
+        data=dict(dataset=str(data / "train.json"), tokenizer=str(data / "tok"), batch_size=2, seq_len=512,
+                  max_chunks=2)))
+    train(cfg)
+    saved = json.loads((tmp_path / "run" / "model" / "mufun_config.json").read_text())
+    assert not {"attention_impl", "dtype", "param_dtype", "remat_policy"} & set(saved)
+    model = mufun_jax.MuFun.from_pretrained(tmp_path / "run" / "model", max_new_tokens=4, batch_size=2)
+    assert model.model.run.attention_impl == "auto" and model.model.run.dtype == "float32"
+    out = model.generate([{"prompt": "How high is the note?", "audio": str(data / "a0.npy")}],
+                         return_details=True)[0]
+    assert out.error is None and 1 <= len(out.token_ids) <= 4
+    # a directory written before run settings moved out still loads; its saved run settings are ignored
+    (tmp_path / "run" / "model" / "mufun_config.json").write_text(json.dumps(
+        {**saved, "attention_impl": "splash_interpret", "dtype": "bfloat16", "remat_policy": "full"}))
+    old = mufun_jax.MuFun.from_pretrained(tmp_path / "run" / "model", max_new_tokens=4, batch_size=2)
+    assert old.model.run == model.model.run

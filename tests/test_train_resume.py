@@ -168,7 +168,7 @@ def _restore_params(out, step):
 def _model_params(model_dir):
     import jax
 
-    from mufun_jax.weights import load_params
+    from mufun_jax.checkpoint import load_params
 
     flat = jax.tree_util.tree_flatten_with_path(load_params(model_dir))[0]
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
@@ -220,6 +220,21 @@ def test_init_from_a_converted_checkpoint(data, tmp_path, torch_threads):
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # one on-disk layout: the converter and training's export write the same files, one zarr3 array per
+    # parameter, so either directory loads through every reader
+    arrays = lambda d: sorted(str(p.parent.relative_to(d)) for p in (d / "params").rglob("zarr.json"))
+    assert arrays(tmp_path / "conv") == arrays(tmp_path / "out" / "model") and len(arrays(tmp_path / "conv")) == len(a)
+    # and the trained model exports back to the released layout: the original tensors, bit for bit
+    from safetensors.numpy import load_file
+
+    from mufun_jax.weights import export_checkpoint
+
+    export_checkpoint(tmp_path / "out" / "model", tmp_path / "back", progress=False)
+    back = {k: v for f in (tmp_path / "back").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    want = ref.combined_state_dict()
+    assert back.keys() == want.keys()
+    for k, v in want.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
 
 
 def test_metrics_reach_tensorboard_and_jsonl(baseline, tmp_path_factory):

@@ -66,7 +66,7 @@ SCRIPT = textwrap.dedent(r"""
         assert p_err < 1e-6, (layout, p_err)
     # the Pallas splash kernel (interpreted on CPU) in the real train step: the step traces under
     # its mesh, so the kernel runs per shard in a shard_map, and the step equals the XLA one
-    tr = Trainer(tcfg, cfg.replace(attention_impl="splash_interpret"), make_mesh(1, 4, 2))
+    tr = Trainer(tcfg, cfg, make_mesh(1, 4, 2), tcfg.run.replace(attention_impl="splash_interpret"))
     state = jax.device_put(init, tr.state_shardings)
     batch = tr.global_batch(steps[0])
     hlo = tr.train_step.lower(state, batch).as_text()

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 from conftest import FP32_TOL, rel_err
 from helpers import jax_mufun_from_torch, random_mel
@@ -32,6 +33,24 @@ def test_every_tap_matches_hf_hidden_states(pair):
         err = rel_err(got, want)
         print(f"tap {tap}: rel err {err:.2e}")
         assert err <= FP32_TOL, f"tap {tap}"
+
+
+@pytest.mark.parametrize("taps", [(0,), (1, 3), (0, 1, 2, 3), (2, 4), (0, 1, 2, 3, 4)])
+def test_one_scan_collects_any_taps(pair, taps):
+    """Whisper runs as one scan up to the deepest tap, collecting the tapped states on the side: any
+    tap set gives HF's hidden states (taps before the last layer are raw block outputs)."""
+    cfg, ref, model = pair
+    from mufun_jax.models import WhisperEncoder
+
+    enc = WhisperEncoder(cfg.whisper, taps=taps, rngs=nnx.Rngs(0))
+    nnx.update(enc, nnx.state(model.encoder))
+    mel = random_mel(np.random.default_rng(5), 1, cfg)
+    with torch.no_grad():
+        hs = ref.vision_tower._vision_tower(torch.from_numpy(mel), output_hidden_states=True).hidden_states
+    got = enc(jnp.asarray(mel))
+    assert len(got) == len(taps)
+    for tap, g in zip(taps, got):
+        assert rel_err(g, hs[tap].numpy()) <= FP32_TOL, tap
 
 
 def test_last_tap_is_after_final_layer_norm(pair):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
+from mufun_jax.cli import ArgumentParser
 import logging
 import sys
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mufun_jax.data", description=__doc__)
+    ap = ArgumentParser(prog="python -m mufun_jax.data", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     v = sub.add_parser("validate", help="scan a dataset and print the skip counts by reason")
     v.add_argument("dataset", help="JSON list or JSONL file of MuFun records")

@@ -27,6 +27,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from mufun_jax import audio
+from mufun_jax.errors import InputError
 from mufun_jax.data.templates import AUDIO_TAG, Template, TemplateError, turns_from_conversations
 
 log = logging.getLogger(__name__)
@@ -57,10 +58,8 @@ class SkipCounter(collections.Counter):
         return "\n".join(f"{reason:24s} {n}" for reason, n in sorted(self.items()))
 
 
-class _Skip(Exception):
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+class SampleError(InputError):
+    """A record that cannot become a sample; ``reason`` is its skip-counter key."""
 
 
 def read_records(path: str | Path, counter: SkipCounter | None = None) -> list:
@@ -85,7 +84,7 @@ def read_records(path: str | Path, counter: SkipCounter | None = None) -> list:
     return records
 
 
-def _segments(time, n_audios: int) -> list:
+def segments(time, n_audios: int) -> list:
     """Normalise ``time`` to one segment (or None) per audio."""
     if time is None:
         return [None] * n_audios
@@ -93,41 +92,41 @@ def _segments(time, n_audios: int) -> list:
                and all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in time))
     if is_pair:  # a single [start, end]: the reference's case, [0, 30.0] included
         if n_audios != 1:
-            raise _Skip("bad_time", f"one segment {list(time)} given for {n_audios} audios; give one per audio")
+            raise SampleError("bad_time", f"one segment {list(time)} given for {n_audios} audios; give one per audio")
         return [list(time)]
     if isinstance(time, (list, tuple)) and len(time) == n_audios:
         return [None if t is None else list(t) for t in time]
-    raise _Skip("bad_time", f"time={time!r} must be [start, end] or one [start, end] / null per audio")
+    raise SampleError("bad_time", f"time={time!r} must be [start, end] or one [start, end] / null per audio")
 
 
 def prepare(record, *, template: Template, tokenizer, audio_root: str | Path | None = None) -> Sample:
-    """One record -> a :class:`Sample`; raises ``_Skip`` (with a reason) for bad input."""
+    """One record -> a :class:`Sample`; raises ``SampleError`` (with a reason) for bad input."""
     if not isinstance(record, dict) or "conversations" not in record:
-        raise _Skip("malformed_record", "expected an object with 'conversations'")
+        raise SampleError("malformed_record", "expected an object with 'conversations'")
     sample_id = record.get("id")
     try:
         turns = turns_from_conversations(record["conversations"])
     except TemplateError as e:
-        raise _Skip(e.reason, str(e)) from e
+        raise SampleError(e.reason, str(e)) from e
     paths = record.get("audio") or []
     paths = [paths] if isinstance(paths, str) else list(paths)
     if not all(isinstance(p, str) for p in paths):
-        raise _Skip("malformed_record", f"audio={record.get('audio')!r} must be a path or a list of paths")
+        raise SampleError("malformed_record", f"audio={record.get('audio')!r} must be a path or a list of paths")
     n_tags = template.render(turns).count(AUDIO_TAG)
     if n_tags != len(paths):
-        raise _Skip("audio_tag_mismatch", f"{n_tags} <audio> tags for {len(paths)} audios")
-    segments = _segments(record.get("time"), len(paths))
+        raise SampleError("audio_tag_mismatch", f"{n_tags} <audio> tags for {len(paths)} audios")
+    segs = segments(record.get("time"), len(paths))
     try:
         ids, labels = template.encode(turns, tokenizer)
     except TemplateError as e:
-        raise _Skip(e.reason, str(e)) from e
+        raise SampleError(e.reason, str(e)) from e
     chunks = []
-    for p, seg in zip(paths, segments):
+    for p, seg in zip(paths, segs):
         full = Path(p) if audio_root is None or Path(p).is_absolute() else Path(audio_root) / p
         try:
             chunks.append(audio.chunk(audio.load_audio(full, seg)))
         except audio.AudioError as e:
-            raise _Skip(e.reason, str(e)) from e
+            raise SampleError(e.reason, str(e)) from e
     return Sample(str(sample_id), ids, labels, chunks)
 
 
@@ -144,7 +143,7 @@ class Prepare:
         sample_id = record.get("id", "?") if isinstance(record, dict) else "?"
         try:
             return prepare(record, template=self.template, tokenizer=self.tokenizer, audio_root=self.audio_root)
-        except _Skip as e:
+        except SampleError as e:
             return (sample_id, e.reason, str(e))
 
 

@@ -81,12 +81,3 @@ class Loader:
         self._packer = Packer(self.cfg.pack, self.counter, self._max_skips)
         self.counter.clear()
         self.counter.update(state.get("skipped", {}))
-
-
-def to_global(batch: dict[str, np.ndarray], mesh, batch_axes=("data", "fsdp")) -> dict:
-    """Host-local batch -> global ``jax.Array``s, rows and chunks split over ``batch_axes``."""
-    import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
-
-    sharding = NamedSharding(mesh, P(batch_axes))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items() if k != "sample_ids"}

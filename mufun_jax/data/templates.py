@@ -13,6 +13,7 @@ import dataclasses
 from typing import Sequence
 
 from mufun_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from mufun_jax.errors import InputError
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
           "detailed, and polite answers to the user's questions.")
@@ -20,12 +21,8 @@ AUDIO_TAG = "<audio>"
 SEP = " ASSISTANT: "
 
 
-class TemplateError(ValueError):
+class TemplateError(InputError):
     """A conversation the template cannot encode; ``reason`` is a short counter key."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ Shapes: q ``(batch, q_len, num_heads, head_dim)``, k/v ``(batch, kv_len, num_kv_
 with ``num_heads % num_kv_heads == 0`` (grouped-query attention); the output has q's shape and
 dtype. The scale is ``head_dim ** -0.5`` and the softmax runs in fp32 in every backend.
 
-Masking (the semantics of ``qwen3.attention_mask`` in training mode):
+Masking (the training, no-KV-cache mode):
 - ``causal``: query i sees keys j <= i by array index (needs ``q_len == kv_len``);
 - ``segment_ids`` ``(batch, seq)`` int (self-attention only): a query sees only keys of its own
   segment; 0 marks padding. Whisper's encoder passes ``causal=False`` and no segment ids.
@@ -74,10 +74,23 @@ def dot_product_attention(q, k, v, *, segment_ids=None, causal: bool, implementa
     return _cudnn_attention(q, k, v, segment_ids, causal)
 
 
-def resolve(impl: str) -> tuple[str, bool]:
-    """A model config's ``attention_impl`` -> (implementation, interpret); ``"splash_interpret"``
-    is the splash kernel in Pallas interpret mode (CPU tests of the model wiring)."""
-    return ("splash", True) if impl == "splash_interpret" else (impl, False)
+def resolve(impl: str, dtype=jnp.float32) -> tuple[str, bool]:
+    """A run setting's ``attention_impl`` -> (implementation, interpret), at trace time.
+
+    ``"auto"`` picks by the platform compiled for (a TPU topology in an AOT compile counts as TPU):
+    splash on TPU, cuDNN on GPU when the compute dtype is 16-bit (cuDNN's flash attention has no
+    fp32 path), xla otherwise. ``"splash_interpret"`` is the splash kernel in Pallas interpret mode
+    (CPU tests of the model wiring)."""
+    if impl == "splash_interpret":
+        return "splash", True
+    if impl == "auto":
+        platform = _target_platform()
+        if platform == "tpu":
+            return "splash", False
+        if platform == "gpu" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16):
+            return "cudnn", False
+        return "xla", False
+    return impl, False
 
 
 _warned: list = []

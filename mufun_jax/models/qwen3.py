@@ -56,16 +56,10 @@ def apply_rope(x, cos, sin):
     return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
-def attention_mask(positions, segment_ids=None, cache_len: int | None = None):
-    """Boolean (batch, q_len, k_len) mask for the two modes described in the module docstring."""
-    if cache_len is not None:
-        return jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]
-    t = positions.shape[1]
-    mask = jnp.tril(jnp.ones((t, t), bool))[None]
-    if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask = mask & same & (segment_ids[:, None, :] != 0)
-    return mask
+def cache_mask(positions, cache_len: int):
+    """Boolean (batch, q_len, cache_len) mask of the KV-cache mode: a query at position p sees
+    slots <= p. (Without a cache the attention backend builds its mask from ``segment_ids``.)"""
+    return jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]
 
 
 class Qwen3Attention(nnx.Module):
@@ -91,15 +85,14 @@ class Qwen3Attention(nnx.Module):
         k = checkpoint_name(shard_activation(k, ("batch", None, "kv_heads", None)), "key_proj")
         v = checkpoint_name(shard_activation(v, ("batch", None, "kv_heads", None)), "value_proj")
         if kv is None:  # training / scoring: no cache, the mask comes from segment_ids
-            implementation, interpret = attention_lib.resolve(impl)
+            implementation, interpret = attention_lib.resolve(impl, q.dtype)
             out = attention_lib.dot_product_attention(q, k, v, segment_ids=segment_ids, causal=True,
                                                       implementation=implementation, interpret=interpret)
             return checkpoint_name(self.o_proj(out.reshape(b, t, -1)), "out_proj"), kv
-        if kv is not None:
-            rows = jnp.arange(b)[:, None]
-            kv = (kv[0].at[rows, positions].set(k.astype(kv[0].dtype)),
-                  kv[1].at[rows, positions].set(v.astype(kv[1].dtype)))
-            k, v = kv[0].astype(q.dtype), kv[1].astype(q.dtype)
+        rows = jnp.arange(b)[:, None]
+        kv = (kv[0].at[rows, positions].set(k.astype(kv[0].dtype)),
+              kv[1].at[rows, positions].set(v.astype(kv[1].dtype)))
+        k, v = kv[0].astype(q.dtype), kv[1].astype(q.dtype)
         out = attention_lib.masked_attention(q, k, v, mask).reshape(b, t, self.num_heads * self.head_dim)
         return checkpoint_name(self.o_proj(out), "out_proj"), kv
 
@@ -133,7 +126,7 @@ class Qwen3DecoderLayer(nnx.Module):
 
 class Qwen3ForCausalLM(nnx.Module):
     def __init__(self, cfg: Qwen3Config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat_policy: str = "none",
-                 attention_impl: str = "xla", rngs: nnx.Rngs):
+                 attention_impl: str = "auto", rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
         self.remat_policy = remat_policy
@@ -161,7 +154,7 @@ class Qwen3ForCausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
         impl = self.attention_impl if cache is None else "xla"
         # without a cache the attention backend builds its mask from segment_ids (block by block)
-        mask = None if cache is None else attention_mask(positions, segment_ids, cache.max_len)
+        mask = None if cache is None else cache_mask(positions, cache.max_len)
 
         def body(layer, x, kv):
             return layer(x, cos, sin, mask, positions, kv, segment_ids, impl)

@@ -6,9 +6,11 @@ the converter one array per parameter kind. Remat policies wrap the scanned body
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -47,26 +49,48 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, 
     return stacked
 
 
-def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, start: int = 0, stop: int | None = None,
-                remat_policy: str = "none"):
-    """Run ``body(layer, carry, x) -> (carry, y)`` over layers ``[start, stop)`` with ``lax.scan``.
+def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, stop: int | None = None,
+                remat_policy: str = "none", collect: Sequence[int] = ()):
+    """Run ``body(layer, carry, x) -> (carry, y)`` over layers ``[0, stop)`` with one ``lax.scan``.
 
-    ``xs`` (optional) is scanned alongside the layer weights (e.g. a per-layer KV cache).
+    ``xs`` (optional) is scanned alongside the layer weights (e.g. a per-layer KV cache). The remat
+    policy wraps ``body``. ``collect`` lists layer counts ``k`` (1 <= k <= stop) whose output carry
+    (after layer ``k - 1``) is kept: then the result is ``(carry, ys, collected)`` with ``collected``
+    stacked on a leading axis in ``collect`` order. The collection is a ``dynamic_update_slice``
+    outside the remat, so it adds no residuals: every layer keeps its remat, whatever the taps.
     """
     if remat_policy not in REMAT_POLICIES:
         raise ValueError(f"remat_policy={remat_policy!r} is not one of {sorted(REMAT_POLICIES)}")
     graphdef, state = nnx.split(layers)
-    if start != 0 or stop is not None:
-        state = jax.tree.map(lambda a: a[start:stop], state)
+    n = jax.tree.leaves(state)[0].shape[0]
+    stop = n if stop is None else stop
+    if stop != n:
+        state = jax.tree.map(lambda a: a[:stop], state)
         if xs is not None:
-            xs = jax.tree.map(lambda a: a[start:stop], xs)
+            xs = jax.tree.map(lambda a: a[:stop], xs)
 
-    def step(c, inp):
-        layer_state, x = inp
+    def layer_fn(layer_state, c, x):
         c = jax.tree.map(lambda a: checkpoint_name(a, LAYER_INPUT), c)  # a no-op unless a policy names it
         return body(nnx.merge(graphdef, layer_state), c, x)
 
     policy = REMAT_POLICIES[remat_policy]
     if policy is not None:
-        step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-    return jax.lax.scan(step, carry, (state, xs))
+        layer_fn = jax.checkpoint(layer_fn, policy=policy, prevent_cse=False)
+    collect = tuple(collect)
+    if not collect:
+        return jax.lax.scan(lambda c, inp: layer_fn(inp[0], c, inp[1]), carry, (state, xs))
+    if any(not 1 <= k <= stop for k in collect):
+        raise ValueError(f"collect={list(collect)} must lie in [1, {stop}]")
+    # slot of each layer's output in the buffer; layers that are not collected write a spare slot
+    slots = np.full(stop, len(collect), np.int32)
+    for j, k in enumerate(collect):
+        slots[k - 1] = j
+    buf = jnp.zeros((len(collect) + 1,) + carry.shape, carry.dtype)
+
+    def step(c, inp):
+        (h, buf), (layer_state, x, slot) = c, inp
+        h, y = layer_fn(layer_state, h, x)
+        return (h, jax.lax.dynamic_update_index_in_dim(buf, h, slot, 0)), y
+
+    (carry, buf), ys = jax.lax.scan(step, (carry, buf), (state, xs, jnp.asarray(slots)))
+    return carry, ys, buf[:-1]

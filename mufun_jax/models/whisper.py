@@ -3,8 +3,8 @@ hidden-state taps numbered as HF's ``output_hidden_states``.
 
 Tap 0 is the conv+position output, tap k (0 < k < L) the output of block k, and tap L
 the last block's output *after* the final LayerNorm (HF appends ``last_hidden_state``).
-The blocks between consecutive taps run as one ``lax.scan`` each, so compile time grows
-with the number of taps, not with depth.
+The blocks up to the deepest tap run as one ``lax.scan`` that collects the tapped states on
+the side, so every block keeps the remat policy and compile time does not grow with depth.
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ class WhisperAttention(nnx.Module):
         self.num_heads = cfg.encoder_attention_heads
         self.head_dim = cfg.head_dim
 
-    def __call__(self, x, impl: str = "xla"):
+    def __call__(self, x, impl: str = "auto"):
         b, t, _ = x.shape
         split = lambda y, name: checkpoint_name(
             shard_activation(y.reshape(b, t, self.num_heads, self.head_dim), ("batch", None, "heads", None)), name)
         q, k, v = split(self.q_proj(x), "query_proj"), split(self.k_proj(x), "key_proj"), split(self.v_proj(x),
                                                                                                  "value_proj")
-        implementation, interpret = attention_lib.resolve(impl)
+        implementation, interpret = attention_lib.resolve(impl, q.dtype)
         out = attention_lib.dot_product_attention(q, k, v, causal=False, implementation=implementation,
                                                   interpret=interpret)
         return checkpoint_name(self.out_proj(out.reshape(b, t, -1)), "out_proj")
@@ -69,7 +69,7 @@ class WhisperEncoderLayer(nnx.Module):
         self.fc1 = Linear(d, cfg.encoder_ffn_dim, axes=("embed", "mlp"), **kw)
         self.fc2 = Linear(cfg.encoder_ffn_dim, d, axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x, impl: str = "xla"):
+    def __call__(self, x, impl: str = "auto"):
         x = x + self.self_attn(self.self_attn_layer_norm(x), impl)
         h = shard_activation(gelu(self.fc1(self.final_layer_norm(x))), ("batch", None, "mlp"))
         return shard_activation(x + self.fc2(h), ("batch", None, None))
@@ -77,7 +77,7 @@ class WhisperEncoderLayer(nnx.Module):
 
 class WhisperEncoder(nnx.Module):
     def __init__(self, cfg: WhisperConfig, *, taps=None, dtype=jnp.float32, param_dtype=jnp.float32,
-                 remat_policy: str = "none", attention_impl: str = "xla", rngs: nnx.Rngs):
+                 remat_policy: str = "none", attention_impl: str = "auto", rngs: nnx.Rngs):
         self.cfg = cfg
         self.taps = tuple(taps) if taps is not None else (cfg.encoder_layers,)
         if list(self.taps) != sorted(set(self.taps)) or self.taps[0] < 0 or self.taps[-1] > cfg.encoder_layers:
@@ -135,11 +135,17 @@ class WhisperEncoder(nnx.Module):
         x = x + self.embed_positions[...].astype(self.dtype)
         x = shard_activation(x, ("batch", None, None))
 
+        n = self.cfg.encoder_layers
+        stop = self.taps[-1]  # no layer after the deepest tap runs
+        inner = [t for t in self.taps if 0 < t < stop]  # collected on the side; taps 0 and stop are not
         body = lambda layer, h, _: (layer(h, self.attention_impl), None)
-        outs, done, n = [], 0, self.cfg.encoder_layers
-        for tap in self.taps:
-            if tap > done:
-                x, _ = scan_layers(self.layers, body, x, start=done, stop=tap, remat_policy=self.remat_policy)
-                done = tap
-            outs.append(self.layer_norm(x) if tap == n else x)
+        first, by_tap = x, {}
+        if inner:
+            x, _, collected = scan_layers(self.layers, body, x, stop=stop, remat_policy=self.remat_policy,
+                                          collect=inner)
+            by_tap = {t: collected[j] for j, t in enumerate(inner)}
+        elif stop > 0:
+            x, _ = scan_layers(self.layers, body, x, stop=stop, remat_policy=self.remat_policy)
+        by_tap[stop] = self.layer_norm(x) if stop == n else x  # HF: the last hidden state is after the norm
+        outs = [first if tap == 0 else by_tap[tap] for tap in self.taps]
         return outs

@@ -1,0 +1,393 @@
+"""Ahead-of-time compiles of MuFun's train, prefill and decode steps for a TPU topology.
+
+Everything is abstract (``ShapeDtypeStruct``s with shardings), so nothing is allocated. The
+train step is the real ``Trainer.train_step``; the inference steps are built from the
+generator's public functions (:func:`mufun_jax.generate.prefill` and ``decode_step``). The
+compiled executables tell, per chip:
+
+- memory (``compiled.memory_analysis()``): arguments (state + batch), outputs, aliased bytes (the
+  donated state), temporaries; peak = arguments + outputs - aliased + temporaries + code;
+- FLOPs: read from the optimised HLO with loop trip counts multiplied out (:mod:`.hlo`), and
+  compared with the model FLOPs of :mod:`mufun_jax.flops`.
+
+If the step does not fit, the TPU compiler refuses it (``RESOURCE_EXHAUSTED ... hbm``); that is
+reported as ``fits=False`` with the compiler's numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import re
+import sys
+import time
+from typing import Sequence
+
+from mufun_jax import flops
+from mufun_jax.aot.hlo import hlo_flops
+from mufun_jax.aot.topology import GiB, Topology, quiet_stderr, get_topology, topology_mesh
+
+
+@dataclasses.dataclass
+class AotResult:
+    """One compiled (or refused) step on one topology. Bytes are per chip; FLOPs per step, all chips."""
+
+    step: str  # "train" | "prefill" | "decode"
+    topology: str
+    num_slices: int
+    chips: int
+    mesh: dict
+    hbm_bytes: int  # the chip's HBM usable by a program (TpuSpec.usable_gib)
+    fits: bool
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    host_temp_bytes: int = 0  # pinned host memory (remat offload)
+    peak_bytes: int = 0  # argument + output - alias + temp + code
+    compiled_flops: float = 0.0  # matmul FLOPs from the HLO, x chips
+    model_flops: float = 0.0
+    kernel_calls: int = 0  # Pallas custom-call sites (their FLOPs are added from the model count)
+    kernel_flops: float = 0.0  # attention FLOPs done inside kernels (analytic), included in compiled_flops
+    unknown_trip_counts: int = 0
+    tokens: int = 0  # tokens per step (train: all micro-batches; prefill: batch x context; decode: batch)
+    lower_s: float = 0.0
+    compile_s: float = 0.0
+    detail: str = ""  # configuration summary, or the compiler's out-of-memory message
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def hbm_free(self) -> float:
+        return 1.0 - self.peak_bytes / self.hbm_bytes
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.compiled_flops / self.model_flops if self.model_flops else float("nan")
+
+
+
+def _memory(result: AotResult, compiled) -> None:
+    m = compiled.memory_analysis()
+    result.argument_bytes = int(m.argument_size_in_bytes)
+    result.output_bytes = int(m.output_size_in_bytes)
+    result.alias_bytes = int(m.alias_size_in_bytes)
+    result.temp_bytes = int(m.temp_size_in_bytes)
+    result.code_bytes = int(m.generated_code_size_in_bytes)
+    result.host_temp_bytes = int(getattr(m, "host_temp_size_in_bytes", 0) or 0)
+    result.peak_bytes = (result.argument_bytes + result.output_bytes - result.alias_bytes + result.temp_bytes
+                         + result.code_bytes)
+
+
+_OOM = (re.compile(r"Used ([\d.]+)([KMGT]?) of ([\d.]+)([KMGT]?) hbm", re.I),
+        re.compile(r"required for [^(]*\(([\d.]+)([KMGT]?)\) exceeds available HBM \(([\d.]+)([KMGT]?)\)", re.I))
+
+
+def _oom_bytes(msg: str) -> tuple[int, int] | None:
+    """(bytes needed, bytes available) from the TPU compiler's out-of-memory message."""
+    unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    for pattern in _OOM:
+        m = pattern.search(msg)
+        if m:
+            return (int(float(m.group(1)) * unit[m.group(2).upper()]),
+                    int(float(m.group(3)) * unit[m.group(4).upper()]))
+    return None
+
+
+def compile_step(result: AotResult, jitted, args, mesh, *, attention_flops: float = 0.0):
+    """Lower + compile under the mesh (so the model's activation constraints and the kernel's
+    shard_map see it), then fill in memory and FLOPs. An HBM overflow becomes ``fits=False``."""
+    import jax
+
+    t0 = time.perf_counter()
+    # the abstract mesh only: a concrete one would make the splash kernel's constant tables
+    # (built with jnp.array at trace time) land on the compile-only devices
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        lowered = jitted.lower(*args)
+    result.lower_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    try:
+        with quiet_stderr():
+            compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        msg = str(e)
+        if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+            raise
+        result.compile_s = time.perf_counter() - t0
+        result.fits = False
+        used = _oom_bytes(msg)
+        if used:
+            result.peak_bytes = used[0]
+            result.notes.append(f"compiler HBM limit {used[1] / GiB:.2f} GiB")
+        result.detail = " ".join(msg.split())[:600]
+        return None
+    result.compile_s = time.perf_counter() - t0
+    _memory(result, compiled)
+    hf = hlo_flops(compiled.as_text())
+    result.kernel_calls = hf.custom_calls
+    result.unknown_trip_counts = hf.unknown_trip_counts
+    result.kernel_flops = attention_flops if hf.custom_calls else 0.0
+    result.compiled_flops = hf.flops * result.chips + result.kernel_flops
+    result.fits = result.peak_bytes <= result.hbm_bytes
+    return compiled
+
+
+# -- train ----------------------------------------------------------------------------------------
+
+
+def train_model_config(cfg):
+    """The TrainConfig's model; when its ``init_from`` is not on this machine (an 8B recipe compiled
+    before the checkpoint was converted), the mufun-8b preset with the config's model overrides."""
+    from mufun_jax.config import resolve_model
+
+    return cfg.model if cfg.model is not None else resolve_model("mufun-8b", cfg.model_overrides)
+
+
+def compile_train(cfg, topology: str | Topology, *, num_slices: int = 1, attention_impl: str | None = None,
+                  model_cfg=None, keep=None) -> AotResult:
+    """AOT-compile ``Trainer.train_step`` for ``cfg`` (a :class:`TrainConfig`) on a TPU topology.
+
+    The state comes from ``Trainer.abstract_state()`` and the batch is abstract
+    ``(grad_accum, rows, ...)`` arrays with ``Trainer.batch_sharding``: nothing is allocated.
+    ``attention_impl`` overrides the config's run setting (its ``auto`` is splash on TPU).
+    ``keep`` (a dict) receives the compiled executable under ``"compiled"``."""
+    import jax
+    import jax.numpy as jnp
+
+    from mufun_jax import audio
+    from mufun_jax.train_lib import Trainer
+
+    topo = topology if isinstance(topology, Topology) else get_topology(topology, num_slices)
+    model_cfg = model_cfg or train_model_config(cfg)
+    run = cfg.run if attention_impl is None else cfg.run.replace(attention_impl=attention_impl)
+    mesh = topology_mesh(topo, cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    d, a = cfg.data, cfg.optim.grad_accum
+    split = mesh.shape["data"] * mesh.shape["fsdp"]
+    for name, v in [("data.batch_size", d.batch_size), ("data.max_chunks", d.max_chunks)]:
+        if v % split:
+            raise ValueError(f"{name}={v} must be divisible by mesh data x fsdp = {split} on {topo.name}"
+                             f"{' x ' + str(topo.num_slices) + ' slices' if topo.num_slices > 1 else ''}")
+    trainer = Trainer(cfg, model_cfg, mesh, run)
+    state = trainer.abstract_state()
+    sh = trainer.batch_sharding
+    rows = {k: jax.ShapeDtypeStruct((a, d.batch_size, d.seq_len), jnp.int32, sharding=sh)
+            for k in ("input_ids", "labels", "audio_slots", "positions", "segment_ids")}
+    batch = {**rows, "waves": jax.ShapeDtypeStruct((a, d.max_chunks, audio.CHUNK_SAMPLES), jnp.float32, sharding=sh),
+             "chunk_mask": jax.ShapeDtypeStruct((a, d.max_chunks), jnp.bool_, sharding=sh)}
+    result = AotResult("train", topo.name, topo.num_slices, topo.chips, dict(mesh.shape), topo.hbm_bytes, False)
+    result.tokens = a * d.batch_size * d.seq_len
+    seq_lens = [d.seq_len] * d.batch_size
+    result.model_flops = a * flops.train_flops(model_cfg, cfg.trainable, d.max_chunks, seq_lens)
+    result.detail = (f"rows {d.batch_size} x seq {d.seq_len} x accum {a} (global batch {d.batch_size * a}), "
+                     f"{d.max_chunks} chunks/micro-batch; trainable {cfg.trainable}; remat {run.remat_policy}; "
+                     f"attention {run.attention_impl}; loss_chunk {cfg.loss_chunk}; "
+                     f"{run.dtype} compute, {run.param_dtype} params")
+    kernel = run.attention_impl in ("auto", "splash", "pallas_tpu")  # auto is splash on TPU
+    attn = a * _kernel_attention_flops(model_cfg, cfg.trainable, run.remat_policy, d.max_chunks, seq_lens) \
+        if kernel else 0.0
+    compiled = compile_step(result, trainer.train_step, (state, batch), mesh, attention_flops=attn)
+    if kernel and compiled is not None:
+        result.notes.append("splash attention FLOPs (inside Pallas kernels) added from the model count, "
+                            "with remat recomputation of the forward where the policy recomputes it")
+    if keep is not None:
+        keep["compiled"] = compiled
+    return result
+
+
+def _kernel_attention_flops(model_cfg, trainable, remat_policy: str, chunks: int, seq_lens) -> float:
+    """Attention FLOPs done inside kernels in one micro-batch: forward + backward (2x) where
+    gradients flow, plus a recomputed forward under remat."""
+    p = flops.forward_flops(model_cfg, chunks, seq_lens)
+    mult = flops.pass_multipliers(trainable)
+    remat = remat_policy != "none"
+    total = 0.0
+    for m, f in (("whisper", p["enc_a"]), ("llm", p["llm_a"])):
+        k = mult[m][1]
+        total += f * (k + (1 if remat and k > 1 else 0))
+    return total
+
+
+# -- inference --------------------------------------------------------------------------------------
+
+
+def _infer_functions(graphdef, max_len: int, prefill_chunk: int | None):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from mufun_jax import generate
+
+    def prefill(state, input_ids, audio_slots, waves, lengths):
+        model = nnx.merge(graphdef, state)
+        embeds = generate.embed_prompt(model, input_ids, audio_slots, waves)
+        last, cache = generate.prefill(model, embeds, lengths, model.init_cache(input_ids.shape[0], max_len),
+                                       prefill_chunk)
+        return jnp.argmax(model.logits(last), axis=-1).astype(jnp.int32), cache
+
+    def decode(state, cache, tokens, positions):
+        logits, cache = generate.decode_step(nnx.merge(graphdef, state), tokens, positions, cache)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+
+    return prefill, decode
+
+
+def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tokens: int = 512,
+                  chunks_per_row: int | None = None, mesh_shape: Sequence[int] = (1, 1, -1), num_slices: int = 1,
+                  model_cfg=None, prefill_chunk: int | None = None) -> list[AotResult]:
+    """AOT-compile the prefill (prompt of ``context`` tokens, with ``chunks_per_row`` 30 s audio
+    chunks per row, default half the context) and one decode step (cache of ``context + new_tokens``
+    slots) of the model (default the mufun-8b preset) with bf16 weights, on a (data, fsdp, tensor)
+    mesh (default: tensor parallel over every chip of a slice)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from mufun_jax import audio
+    from mufun_jax.checkpoint import abstract_model, abstract_params
+    from mufun_jax.config import RunSettings, preset
+    from mufun_jax.models.qwen3 import KVCache
+    from mufun_jax.sharding import logical_to_spec
+
+    topo = topology if isinstance(topology, Topology) else get_topology(topology, num_slices)
+    model_cfg = model_cfg or preset("mufun-8b")
+    mesh = topology_mesh(topo, *mesh_shape)
+    chunks_per_row = (context // model_cfg.tokens_per_chunk // 2) if chunks_per_row is None else chunks_per_row
+    if chunks_per_row * model_cfg.tokens_per_chunk > context:
+        raise ValueError(f"{chunks_per_row} chunks x {model_cfg.tokens_per_chunk} tokens do not fit a context of "
+                         f"{context}")
+    chunks = batch * chunks_per_row
+    max_len = context + new_tokens
+    abstract = abstract_model(model_cfg, RunSettings(dtype="bfloat16", param_dtype="bfloat16"))
+    graphdef = nnx.graphdef(abstract)
+    with _quiet_logging():
+        state = abstract_params(abstract, mesh)
+    prefill, decode = _infer_functions(graphdef, max_len, prefill_chunk)
+
+    def sharded(shape, dtype, axes):
+        spec = logical_to_spec(axes, shape=shape, mesh=mesh)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+
+    q = model_cfg.qwen3
+    cache_shape = (q.num_hidden_layers, batch, max_len, q.num_key_value_heads, q.head_dim)
+    with _quiet_logging():
+        rows = lambda shape, dt=jnp.int32: sharded(shape, dt, ("batch",) + (None,) * (len(shape) - 1))
+        cache_struct = sharded(cache_shape, jnp.bfloat16, ("layers", "batch", None, "kv_heads", "head_dim"))
+        prefill_args = (state, rows((batch, context)), rows((batch, context)),
+                        rows((chunks, audio.CHUNK_SAMPLES), jnp.float32) if chunks else None, rows((batch,)))
+    cache = KVCache(cache_struct, cache_struct)
+    cache_sh = KVCache(cache_struct.sharding, cache_struct.sharding)
+    tokens = rows((batch,))
+    steps = [("prefill", jax.jit(prefill, out_shardings=(tokens.sharding, cache_sh)), prefill_args),
+             ("decode", jax.jit(decode, out_shardings=(tokens.sharding, cache_sh), donate_argnums=1),
+              (state, cache, tokens, rows((batch,))))]
+    out = []
+    for step, jitted, args in steps:
+        r = AotResult(step, topo.name, topo.num_slices, topo.chips, dict(mesh.shape), topo.hbm_bytes, False)
+        r.tokens = batch * context if step == "prefill" else batch
+        r.model_flops = (flops.prefill_flops(model_cfg, chunks, [context] * batch) if step == "prefill"
+                         else flops.decode_flops(model_cfg, batch, max_len))
+        r.detail = (f"batch {batch}, context {context} ({chunks_per_row} audio chunks/row), cache {max_len} slots, "
+                    f"bf16 weights and cache" + (f", prefill_chunk {prefill_chunk}" if prefill_chunk else ""))
+        compile_step(r, jitted, args, mesh)
+        out.append(r)
+    return out
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    import logging
+
+    lg = logging.getLogger("mufun_jax.sharding")
+    old = lg.level
+    lg.setLevel(logging.ERROR)  # "not divisible: replicated" for every Whisper head split
+    try:
+        yield
+    finally:
+        lg.setLevel(old)
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def format_table(results: Sequence[AotResult]) -> str:
+    gib = lambda b: f"{b / GiB:.2f}"
+    head = ("step", "topology", "mesh d/f/t", "args GiB", "out GiB", "alias GiB", "temp GiB", "peak GiB",
+            "usable GiB",
+            "free", "fits", "compiled TFLOP", "model TFLOP", "ratio", "compile s")
+    rows = []
+    for r in results:
+        topo = r.topology + (f" x{r.num_slices}" if r.num_slices > 1 else "")
+        mesh = "/".join(str(r.mesh.get(k, 1)) for k in ("data", "fsdp", "tensor"))
+        rows.append((r.step, topo, mesh, gib(r.argument_bytes), gib(r.output_bytes), gib(r.alias_bytes),
+                     gib(r.temp_bytes), gib(r.peak_bytes), f"{r.hbm_bytes / GiB:.2f}",
+                     f"{100 * r.hbm_free:.0f}%", "yes" if r.fits else "NO",
+                     f"{r.compiled_flops / 1e12:,.1f}" if r.compiled_flops else "-",
+                     f"{r.model_flops / 1e12:,.1f}", f"{r.flops_ratio:.2f}" if r.compiled_flops else "-",
+                     f"{r.lower_s + r.compile_s:.0f}"))
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))
+    out = [line(head), line("-" * w for w in widths)] + [line(r) for r in rows]
+    for r in results:
+        out.append(f"{r.step} on {r.topology}: {r.detail}")
+        for n in r.notes:
+            out.append(f"    note: {n}")
+        if r.unknown_trip_counts:
+            out.append(f"    note: {r.unknown_trip_counts} while loop(s) of unknown trip count counted once")
+    return "\n".join(out)
+
+
+def not_fitting(results: Sequence[AotResult]) -> str | None:
+    bad = [r for r in results if not r.fits]
+    if not bad:
+        return None
+    return "; ".join(f"{r.step} does not fit {r.topology}: needs {r.peak_bytes / GiB:.2f} GiB per chip of "
+                     f"{r.hbm_bytes / GiB:.2f} GiB usable HBM. Lower data.batch_size (raise optim.grad_accum to keep "
+                     f"the global batch), use remat_policy=full or offload, set loss_chunk, or use a larger slice"
+                     for r in bad)
+
+
+def report(results: Sequence[AotResult], prog: str) -> int:
+    """Print the table; 0 if every step fits, 1 (with the reason on stderr) if not."""
+    print(format_table(results))
+    msg = not_fitting(results)
+    if msg:
+        print(f"{prog}: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def train_compile_only(cfg, topology: str, num_slices: int = 1, attention_impl: str | None = None) -> int:
+    """``train.py --compile-only``: compile, print the table; 0 if it fits, 1 if not."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling only: never take a local TPU
+    try:
+        r = compile_train(cfg, topology, num_slices=num_slices, attention_impl=attention_impl)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    return report([r], "train.py")
+
+
+def infer_compile_only(topology: str, *, batch: int, context: int = 4096, new_tokens: int = 512,
+                       model: str | None = None, num_slices: int = 1, mesh_shape: Sequence[int] = (1, 1, -1),
+                       prefill_chunk: int | None = None) -> int:
+    """``infer.py --compile-only --topology NAME``: compile the prefill and a decode step of the
+    model in ``model`` (a converted directory; the mufun-8b preset when it is None or not on this
+    machine), print the table; 0 if both fit, 1 if not."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling only: never take a local TPU
+    from mufun_jax.torch_files import CheckpointError
+
+    try:
+        model_cfg = None
+        from mufun_jax.checkpoint import has_model, load_config
+
+        if model is not None and has_model(model):
+            model_cfg = load_config(model)
+        elif model is not None:
+            print(f"{model} is not on this machine: compiling the mufun-8b preset", file=sys.stderr)
+        results = compile_infer(topology, batch=batch, context=context, new_tokens=new_tokens, mesh_shape=mesh_shape,
+                                num_slices=num_slices, model_cfg=model_cfg, prefill_chunk=prefill_chunk)
+    except (ValueError, FileNotFoundError, RuntimeError, CheckpointError) as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 2
+    return report(results, "infer.py")
