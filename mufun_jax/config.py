@@ -34,9 +34,9 @@ IM_END_ID = 151645  # `<|im_end|>`: end token of the instruct template
 # projections only; "offload" saves nothing on the device but each layer's input in host memory.
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "dots_except_mlp", "offload")
 # Attention backends of models/attention.py for the no-KV-cache path. "auto" picks by the platform
-# compiled for: splash on TPU, cudnn on GPU for 16-bit compute, xla otherwise. "splash_interpret" is
+# compiled for: splash on TPU, cudnn on GPU for 16-bit compute, blocked otherwise. "splash_interpret" is
 # the TPU splash kernel in Pallas interpret mode, for CPU tests only.
-ATTENTION_IMPLS = ("auto", "xla", "splash", "pallas_tpu", "cudnn", "splash_interpret")
+ATTENTION_IMPLS = ("auto", "xla", "blocked", "splash", "pallas_tpu", "cudnn", "splash_interpret")
 DTYPES = ("float32", "bfloat16", "float16")
 RUN_KEYS = ("dtype", "param_dtype", "remat_policy", "attention_impl")  # RunSettings' fields
 

@@ -81,7 +81,7 @@ class TrainConfig:
     dtype: str = "float32"  # compute dtype of the matmuls (bfloat16 on TPU/GPU)
     param_dtype: str = "float32"  # parameters and optimizer state
     remat_policy: str = "none"
-    attention_impl: str = "auto"  # auto: splash on TPU, cudnn on GPU (16-bit), xla on CPU
+    attention_impl: str = "auto"  # auto: splash on TPU, cudnn on GPU (16-bit), blocked on CPU
     trainable: dict = dataclasses.field(default_factory=lambda: {m: "full" for m in MODULES})
     max_steps: int = 100
     seed: int = 0

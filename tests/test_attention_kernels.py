@@ -193,5 +193,74 @@ def test_pallas_without_interpret_off_tpu_raises():
 
 def test_unknown_implementation_raises():
     q, k, v = _qkv(np.random.default_rng(7), 1, 8, 2, 1, 8)
-    with pytest.raises(ValueError, match="valid: xla, pallas_tpu, splash, cudnn"):
+    with pytest.raises(ValueError, match="valid: xla, blocked, pallas_tpu, splash, cudnn"):
         dot_product_attention(q, k, v, causal=True, implementation="flash")
+
+
+# -- the blocked backend (plain JAX, recomputing backward) ------------------------------------------
+
+
+@pytest.mark.parametrize("causal,packed,t,block", [(True, True, 40, 16), (False, True, 40, 13), (False, False, 40, 16),
+                                                   (False, False, 37, 8), (True, False, 33, 32)])
+def test_blocked_matches_naive_loop_and_xla_gradients(causal, packed, t, block):
+    """Forward against the float64 loop, and gradients of a loss over the real rows against the xla
+    backend's: partial last blocks, segment boundaries inside blocks, GQA (4 query / 2 kv heads)."""
+    from mufun_jax.models.blocked_attention import blocked_attention
+
+    rng = np.random.default_rng(3)
+    b, heads, kv_heads, d = 2, 4, 2, 16
+    q, k, v = _qkv(rng, b, t, heads, kv_heads, d)
+    seg = _packed_segments(rng, b, t) if packed else None
+
+    def blocked(q, k, v):
+        qh, kh, vh = attn._heads_first(q, k, v)
+        return jnp.swapaxes(blocked_attention(qh, kh, vh, seg, causal, block), 1, 2)
+
+    out = np.asarray(blocked(q, k, v))
+    ref = _naive(q, k, v, None if seg is None else np.asarray(seg), causal)
+    keep = _valid(seg, out.shape) if packed else np.ones(out.shape, bool)
+    assert np.isfinite(out).all()
+    assert rel_err(out[keep], ref[keep]) < 1e-6
+    w = jnp.asarray(rng.normal(size=out.shape).astype(np.float32)) * jnp.asarray(keep)  # real rows only
+    grads = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, k, v)
+    want = grads(lambda *a: dot_product_attention(*a, segment_ids=seg, causal=causal, implementation="xla"))
+    for g, r in zip(grads(blocked), want):
+        assert np.isfinite(np.asarray(g)).all()
+        assert rel_err(g, r) < 1e-5
+
+
+def test_blocked_backend_in_the_models_matches_xla():
+    """attention_impl=blocked in Whisper (no mask, the scan schedule) and Qwen3 (causal packed rows):
+    the same logits and parameter gradients as xla, to fp32 tolerance."""
+    from flax import nnx
+
+    from mufun_jax.config import RunSettings, preset
+    from mufun_jax.models import MuFun
+    from mufun_jax.splice import SpliceSample, collate
+
+    cfg = preset("mufun-tiny")
+    rng = np.random.default_rng(0)
+    samples = [SpliceSample([*rng.integers(1, 500, 3), -200, *rng.integers(1, 500, 4 + i)], [1]) for i in range(2)]
+    batch = collate(samples, num_chunks=2, tokens_per_chunk=cfg.tokens_per_chunk, max_length=4096, pad_token_id=0,
+                    pad_to=640)
+    batch["segment_ids"][0, 300:] = np.where(batch["segment_ids"][0, 300:] > 0, 2, 0)  # two samples in row 0
+    mel = jnp.asarray(rng.uniform(-1, 1, (2, 128, 3000)).astype(np.float32))
+    real = jnp.asarray(batch["segment_ids"] != 0)[..., None]
+
+    def run(impl):
+        model = MuFun(cfg, RunSettings(attention_impl=impl), rngs=nnx.Rngs(0))
+        gd, st = nnx.split(model)
+
+        def loss(st):
+            logits, _ = nnx.merge(gd, st)(batch["input_ids"], mel, batch["audio_slots"], positions=batch["positions"],
+                                          segment_ids=batch["segment_ids"])
+            return jnp.sum(jnp.where(real, jax.nn.log_softmax(logits), 0.0)[..., 7]), logits
+
+        (_, logits), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(st)
+        return np.asarray(logits)[np.asarray(batch["segment_ids"]) != 0], g
+
+    a, ga = run("blocked")
+    b, gb = run("xla")
+    assert rel_err(a, b) < 1e-5
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        assert rel_err(x, y) < 1e-4

@@ -18,8 +18,10 @@ to the (causally visible) segment-0 keys, which always include itself, so no row
 Rows with a non-zero segment agree across backends.
 
 Backends:
-- ``"xla"``: heads-first batched matmuls + masked fp32 softmax (the CPU default and the
-  reference). GQA repeats k/v to the query heads. Causal attention runs in query blocks of
+- ``"blocked"`` (the CPU default through ``auto``): query blocks with a recomputing backward pass
+  that never materialises the score matrix (``models/blocked_attention.py``); the same function.
+- ``"xla"``: heads-first batched matmuls + masked fp32 softmax (the reference). GQA repeats k/v to
+  the query heads. Causal attention runs in query blocks of
   ``XLA_QUERY_BLOCK`` that only see the keys up to their last query, which skips about half of
   the score matmuls, softmax and memory of the full square. On XLA:CPU this layout is about 3x
   faster (forward + backward) than one grouped 5-D einsum over the full square, whose backward
@@ -57,7 +59,7 @@ _MASKED = -1e30  # as in qwen3.py: finite, so fully masked rows are uniform inst
 _LANES = 128  # splash blocks must be multiples of the TPU lane width
 _SPLASH_BLOCKS = (512, 256, 128)  # preferred splash block sizes, largest first
 
-IMPLEMENTATIONS = ("xla", "pallas_tpu", "splash", "cudnn")
+IMPLEMENTATIONS = ("xla", "blocked", "pallas_tpu", "splash", "cudnn")
 XLA_QUERY_BLOCK = 512  # causal query block of the xla backend
 
 
@@ -69,6 +71,11 @@ def dot_product_attention(q, k, v, *, segment_ids=None, causal: bool, implementa
     _check_shapes(q, k, v, segment_ids, causal)
     if implementation == "xla":
         return _xla_attention(q, k, v, segment_ids, causal)
+    if implementation == "blocked":
+        from mufun_jax.models.blocked_attention import blocked_attention
+
+        qh, kh, vh = _heads_first(q, k, v)
+        return jnp.swapaxes(blocked_attention(qh, kh, vh, segment_ids, causal), 1, 2).astype(q.dtype)
     if implementation in ("pallas_tpu", "splash"):
         return _per_shard(lambda *a: _splash_attention(*a, causal, interpret), q, k, v, segment_ids)
     return _cudnn_attention(q, k, v, segment_ids, causal)
@@ -79,8 +86,9 @@ def resolve(impl: str, dtype=jnp.float32) -> tuple[str, bool]:
 
     ``"auto"`` picks by the platform compiled for (a TPU topology in an AOT compile counts as TPU):
     splash on TPU, cuDNN on GPU when the compute dtype is 16-bit (cuDNN's flash attention has no
-    fp32 path), xla otherwise. ``"splash_interpret"`` is the splash kernel in Pallas interpret mode
-    (CPU tests of the model wiring)."""
+    fp32 path), blocked otherwise (plain JAX with a recomputing backward; on CPU its forward +
+    backward is 1.4-2.3x faster than xla's). ``"splash_interpret"`` is the splash kernel in Pallas
+    interpret mode (CPU tests of the model wiring)."""
     if impl == "splash_interpret":
         return "splash", True
     if impl == "auto":
@@ -89,7 +97,7 @@ def resolve(impl: str, dtype=jnp.float32) -> tuple[str, bool]:
             return "splash", False
         if platform == "gpu" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16):
             return "cudnn", False
-        return "xla", False
+        return "blocked", False
     return impl, False
 
 
