@@ -135,3 +135,53 @@ def test_host_packed_eval_batch_splices_its_own_audio(runs):
     (p0, p1), one = [r["hosts"] for r in runs[0]], runs[1]["hosts"]
     assert p0 == p1 and p0["tokens"] == one["tokens"] > 0
     assert abs(p0["loss_sum"] - one["loss_sum"]) <= 1e-5 * abs(one["loss_sum"]), (p0, one)
+
+
+PREEMPT_WORKER = textwrap.dedent(r"""
+    import json, os, signal, sys
+    pid, port, cfg_json = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=pid,
+                               initialization_timeout=120)
+    from mufun_jax import train_lib
+    from mufun_jax.train_config import TrainConfig
+
+    cfg = TrainConfig.from_dict(json.loads(cfg_json))
+    # only process 0 gets the notice; JAX's preemption service tells the other one
+    hook = (lambda step, m: os.kill(os.getpid(), signal.SIGTERM) if step == 2 else None) if pid == 0 else None
+    result = train_lib.train(cfg, on_step=hook)
+    print("RESULT", pid, result.get("preempted", False), result["step"], flush=True)
+    sys.exit(train_lib.EXIT_PREEMPTED if result.get("preempted") else 0)
+""")
+
+
+def test_preemption_notice_on_one_host_saves_the_same_step_on_both(tmp_path):
+    """Two processes train together; one gets SIGTERM after step 2. Both save the same step (the one
+    JAX's preemption service agrees on), commit it, and exit with status 75."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import SMALL_MODEL, tiny_train_data
+
+    data = tiny_train_data(tmp_path)
+    out = tmp_path / "run"
+    cfg = dict(output_dir=str(out), model=dict(SMALL_MODEL), max_steps=8, save_every=4, progress=False,
+               optim=dict(lr=1e-3, warmup_ratio=0.0), mesh=dict(data=1, fsdp=-1, tensor=1),
+               data=dict(dataset=str(data / "train.json"), tokenizer=str(data / "tok"), batch_size=4, seq_len=512,
+                         max_chunks=4))
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("XLA_FLAGS", None)
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", PREEMPT_WORKER, str(i), str(port), json.dumps(cfg)], cwd=ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    results = []
+    for i, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 75, f"process {i}:\n{log[-4000:]}"
+        line = next(x for x in log.splitlines() if x.startswith("RESULT"))
+        results.append(line.split()[2:])
+    assert results[0] == results[1] and results[0][0] == "True", results  # the same step on both hosts
+    step = int(results[0][1])
+    assert 2 <= step < 8
+    saved = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved[-1] == step, saved

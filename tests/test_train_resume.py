@@ -29,6 +29,15 @@ RUNNER = textwrap.dedent(r"""
     hook = None
     if mode == "kill_after_step":  # a real SIGKILL, in the middle of the run
         hook = lambda step, m: os.kill(os.getpid(), signal.SIGKILL) if step == at else None
+    elif mode == "term_twice_in_save":  # the notice, then another SIGTERM while the checkpoint is being written
+        hook = lambda step, m: os.kill(os.getpid(), signal.SIGTERM) if step == at else None
+        from orbax.checkpoint._src.path import atomicity
+        original = atomicity.AtomicRenameTemporaryPath.finalize
+        async def finalize(self, *a, **k):
+            if self._final_path.name == str(at):
+                os.kill(os.getpid(), signal.SIGTERM)
+            return await original(self, *a, **k)
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
     elif mode == "kill_in_save":  # SIGKILL once the checkpoint's data is written, before it is committed
         from orbax.checkpoint._src.path import atomicity
         original = atomicity.AtomicRenameTemporaryPath.finalize
@@ -37,7 +46,10 @@ RUNNER = textwrap.dedent(r"""
                 os.kill(os.getpid(), signal.SIGKILL)
             return await original(self, *a, **k)
         atomicity.AtomicRenameTemporaryPath.finalize = finalize
-    train_lib.train(cfg, on_step=hook, profile=mode == "profile")
+    result = train_lib.train(cfg, on_step=hook, profile=mode == "profile")
+    if result.get("preempted"):
+        print("PREEMPTED", result["step"], result["notice_to_commit_s"])
+        sys.exit(train_lib.EXIT_PREEMPTED)
     print("RUN_DONE")
 """)
 
@@ -273,3 +285,36 @@ def test_the_trained_model_serves_inference(data, baseline, tmp_path_factory):
                               for i in range(3)])
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
     assert answers[1] == model.chat("How high is the note?", str(data / "a1.npy"), max_new_tokens=4)
+
+
+def test_mufun_plot_draws_a_run(baseline, tmp_path_factory, tmp_path):
+    """``mufun-plot RUN_DIR`` turns any run's metrics.jsonl into a PNG: written, and a real image."""
+    import matplotlib.image
+
+    from mufun_jax.cli import plot_main
+
+    out = next(p for p in Path(tmp_path_factory.getbasetemp()).glob("baseline*") if (p / "metrics.jsonl").exists())
+    png = tmp_path / "loss.png"
+    assert plot_main([str(out), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    img = matplotlib.image.imread(png)
+    assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.std() > 0.01  # not blank
+    assert plot_main([str(tmp_path / "nope")]) == 2
+
+
+def test_preemption_notice_saves_the_step_and_resume_loses_nothing(data, baseline, tmp_path):
+    """SIGTERM between checkpoints (save_every=2, the notice after step 3): the run saves step 3,
+    waits for the commit and exits with status 75; a second SIGTERM, sent while that checkpoint is
+    being finalised, is ignored.
+    Restarted, it resumes at step 4: every step is logged exactly once and every loss equals the
+    uninterrupted run's."""
+    out = tmp_path / "run"
+    r = run(config(data, out), "term_twice_in_save", 3, expect_ok=False)
+    assert r.returncode == 75, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "PREEMPTED 3" in r.stdout and "checkpoint of step 3 is committed" in r.stderr
+    assert committed(out)[-1] == 3  # the checkpoint taken at the notice is the newest
+    print("notice to committed checkpoint:", r.stdout.split("PREEMPTED 3")[1].split()[0], "s")
+    run(config(data, out))
+    logged = losses(out)
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6]  # no step repeated or skipped
+    assert dict(logged) == baseline  # exactly the uninterrupted run's losses
