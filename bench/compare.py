@@ -114,11 +114,16 @@ class Settings:
     remat: str = "none"
     seed: int = 0
     device: str = "cpu"
+    # the tagging workload (bench/tagging.py): songs, song length range (s), short and long answer caps
+    tag_songs: int = 24
+    tag_song_s: tuple = (10.0, 240.0)
+    tag_short: tuple = (5, 30)
+    tag_long: tuple = (100, 400)
 
     def model_dict(self) -> dict:
         return {"whisper": self.whisper, "qwen3": self.qwen3, "taps": list(self.taps),
                 "connector_type": self.connector_type, "pad_token_id": 0, "pad_token": "<|endoftext|>",
-                "tokenizer_model_max_length": 2048}
+                "tokenizer_model_max_length": 4096}
 
     def run_dict(self) -> dict:
         """Our run settings: remat, and bf16 compute on GPU."""
@@ -126,7 +131,8 @@ class Settings:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
-        return cls(**{k: tuple(v) if k in ("clip_s", "prompt_tokens", "answer_tokens") else v for k, v in d.items()})
+        tuples = ("clip_s", "prompt_tokens", "answer_tokens", "tag_song_s", "tag_short", "tag_long")
+        return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
 
 
 def full_settings() -> Settings:
@@ -155,7 +161,8 @@ def tiny_settings() -> Settings:
                    max_position_embeddings=4096),
         clip_s=(2.0, 40.0), prompt_tokens=(8, 16), answer_tokens=(2, 6),
         train_samples=4, warm_samples=2, ref_batch=2, ref_accum=1, pack_grid=[(2, 768, 4)],
-        n_requests=3, engine_batch=4, pipeline_chunks=1)
+        n_requests=3, engine_batch=4, pipeline_chunks=1,
+        tag_songs=2, tag_song_s=(10.0, 40.0), tag_short=(2, 4), tag_long=(6, 10))
 
 
 def model_config(s: Settings):
@@ -643,6 +650,9 @@ def ref_infer_child(s: Settings, workdir: str):
     t = np.arange(44100 * 30 * n, dtype=np.float32) / np.float32(44100)
     music = 0.2 * np.sin(np.float32(2 * np.pi * 220) * t) + 0.05 * rng.standard_normal(t.size, dtype=np.float32)
     sf.write(wd / "music.flac", np.stack([music, 0.8 * music], 1), 44100)
+    import tagging
+
+    tagging.make_requests(s, wd, rng, tok, cfg, synth_wave)
     reference = make_reference_engine(ref, tok, stop_ids, s.device)
     reqs = [_request_fields(r) for r in requests]
     if s.device == "cpu":  # the device-aware splice (used on GPU) equals Reference.inputs
@@ -665,6 +675,7 @@ def ref_infer_child(s: Settings, workdir: str):
         "chat": lambda: timed(lambda: [reference.chat_ids(r) for r in reqs]),
         "batched": lambda: timed(lambda: reference.batched_ids(reqs)),
         "pipeline": lambda: pipeline_ref(wd / "music.flac", fe),
+        **tagging.ref_ops(reference, wd, s.engine_batch),
     }
 
 
@@ -695,7 +706,10 @@ def ours_infer_child(s: Settings, workdir: str):
     first = time.perf_counter() - t0
     mel_fn = jax.jit(lambda w: audio.log_mel_spectrogram(w, cfg.whisper.num_mel_bins))
     pipeline_ours(wd / "music.flac", mel_fn)
-    log(f"ours infer: ready (first run, compiles included: {first:.1f} s)")
+    import tagging
+
+    tag_ops, tag_first = tagging.ours_op(model, tok, wd, s, buckets)
+    log(f"ours infer: ready (first run, compiles included: {first:.1f} s; tagging {tag_first:.1f} s)")
 
     def infer():
         t0 = time.perf_counter()
@@ -704,9 +718,10 @@ def ours_infer_child(s: Settings, workdir: str):
 
     return {
         "facts": lambda: {**jax_facts(), "first_run_s": first, "compiles": dict(engine.generator.compiles),
-                          "buckets": list(buckets)},
+                          "buckets": list(buckets), "tagging_first_run_s": tag_first},
         "infer": infer,
         "pipeline": lambda: pipeline_ours(wd / "music.flac", mel_fn),
+        **tag_ops,
     }
 
 
@@ -945,8 +960,10 @@ def _trim(ids, stop_ids) -> list[int]:
     return out
 
 
-def run_inference(s: Settings, repeats: int, timeout: float) -> dict:
-    """Inference and the input pipeline: both sides' children alive at once, used alternately."""
+def run_inference(s: Settings, repeats: int, timeout: float, *, tagging_only: bool = False) -> dict:
+    """Inference, the tagging workload and the input pipeline: both sides' children alive at once,
+    used alternately (the systems' order rotates every round)."""
+
     cfg = model_config(s)
     with tempfile.TemporaryDirectory(prefix="mufun-compare-") as wd:
         ref = Child("ref_infer", s, wd, timeout)  # writes the shared inputs first
@@ -954,31 +971,55 @@ def run_inference(s: Settings, repeats: int, timeout: float) -> dict:
         try:
             ours = Child("ours_infer", s, wd, timeout)
             requests = json.loads((Path(wd) / "requests.json").read_text())
-            systems = {"ours": (ours, "infer"), "ref_chat": (ref, "chat"), "ref_batched": (ref, "batched")}
-            times = {k: [] for k in systems}
-            answers = {}
+            tag_requests = json.loads((Path(wd) / "tagging.json").read_text())
+            groups = [{"ours": (ours, "tag"), "ref_chat": (ref, "tag_chat"), "ref_batched": (ref, "tag_batched")}]
+            if not tagging_only:
+                groups.insert(0, {"ours": (ours, "infer"), "ref_chat": (ref, "chat"),
+                                  "ref_batched": (ref, "batched")})
+            times = [{k: [] for k in g} for g in groups]
+            answers = [{} for _ in groups]
+            tag_extra = []
             pipe = {"ours": [], "ref": []}
-            names = list(systems)
             for rep in range(repeats):
                 print(f"inference and input pipeline, round {rep + 1}/{repeats} ...", file=sys.stderr, flush=True)
-                for name in names[rep % 3:] + names[:rep % 3]:
-                    child, op = systems[name]
-                    r = child.call(op)
-                    times[name].append(r["seconds"])
-                    answers[name] = r["token_ids"]
-                for side in (("ours", "ref") if rep % 2 == 0 else ("ref", "ours")):
-                    pipe[side].append((ours if side == "ours" else ref).call("pipeline"))
+                for gi, systems in enumerate(groups):
+                    names = list(systems)
+                    for name in names[rep % 3:] + names[:rep % 3]:
+                        child, op = systems[name]
+                        r = child.call(op)
+                        times[gi][name].append(r["seconds"])
+                        answers[gi][name] = r["token_ids"]
+                        if op == "tag":
+                            tag_extra.append(r)
+                if not tagging_only:
+                    for side in (("ours", "ref") if rep % 2 == 0 else ("ref", "ours")):
+                        pipe[side].append((ours if side == "ours" else ref).call("pipeline"))
             facts = {"ours": ours.call("facts"), "ref": ref.call("facts")}
         finally:
             for c in (ours, ref):
                 if c is not None:
                     c.close()
     stop = {2, 0}
+    tag_trim = {k: [_trim(a, stop) for a in v] for k, v in answers[-1].items()}
+    tag_tokens = [len(a) + (len(a) < r["max_new_tokens"]) for a, r in zip(tag_trim["ours"], tag_requests)]
+    best = min(tag_extra, key=lambda r: r["seconds"])
+    tag = {"times": times[-1], "meta": {
+        "songs": s.tag_songs, "song_seconds": list(s.tag_song_s), "requests": len(tag_requests),
+        "chunks": sum(r["chunks"] for r in tag_requests[::4]), "generated_tokens": sum(tag_tokens),
+        "answer_caps": [r["max_new_tokens"] for r in tag_requests],
+        "split": {k: v for k, v in best["split_s"].items()}, "ours_stats": best["stats"],
+        "ours_first_run_s": facts["ours"]["tagging_first_run_s"],
+        "agree_with_chat": {k: sum(a == b for a, b in zip(tag_trim[k], tag_trim["ref_chat"]))
+                            for k in ("ours", "ref_batched")}}}
+    if tagging_only:
+        return {"tagging": tag}
+    times, answers = times[0], answers[0]
     trimmed = {k: [_trim(a, stop) for a in v] for k, v in answers.items()}
     new_tokens = [len(a) + (len(a) < r["max_new_tokens"]) for a, r in zip(trimmed["ours"], requests)]  # + stop
     flops = sum(infer_flops(cfg, r["chunks"], r["prompt_tokens"], n) for r, n in zip(requests, new_tokens))
     n = len(requests)
     return {
+        "tagging": tag,
         "infer": {k: {"answers_per_s": [n / t for t in v], "seconds": v, "achieved_flops_per_s": [flops / t for t in v]}
                   for k, v in times.items()},
         "infer_meta": {"requests": n, "chunks": [r["chunks"] for r in requests],
@@ -1049,6 +1090,8 @@ def row(name, metric, ours, ref, *, higher_is_better=True, target=None):
 
 
 def build_rows(s: Settings, train: dict, inf: dict, peak_tflops: float | None) -> list[dict]:
+    import tagging
+
     rows = []
     unit, scale = ("TFLOP/s", 1e12) if s.device == "gpu" else ("GFLOP/s", 1e9)
     for key, label, target in (("train_full", "training, full", 1.5),
@@ -1077,6 +1120,8 @@ def build_rows(s: Settings, train: dict, inf: dict, peak_tflops: float | None) -
                     i["ref_batched"]["answers_per_s"], target=1.5))
     rows.append(row(name, f"achieved {unit} vs chat() loop", [x / scale for x in i["ours"]["achieved_flops_per_s"]],
                     [x / scale for x in i["ref_chat"]["achieved_flops_per_s"]]))
+    tag_rows, _ = tagging.rows(inf["tagging"], row, stats)
+    rows += tag_rows
     rows.append(row("peak RSS, full training", "MB", [r["peak_rss_mb"] for r in train["ours"]],
                     [r["peak_rss_mb"] for r in train["ref"]], higher_is_better=False))
     if all("peak_device_mem_mb" in r for r in train["ours"] + train["ref"]):
@@ -1143,6 +1188,10 @@ def markdown(res: dict) -> str:
               "Achieved FLOP/s counts useful FLOPs only (no padding, no recompute; the LM head over every "
               "position, as both sides compute it); \"useful / computed\" is the share of the computed FLOPs "
               "(padding included, remat recompute not) that is useful.", ""]
+    if res.get("inference_tagging"):
+        import tagging
+
+        lines += tagging.markdown(res["inference_tagging"]) + [""]
     if res.get("profile"):
         lines += ["## Components (--profile)", "", profile_markdown(res["profile"], Settings.from_dict(s))]
     lines += ["## Machine", ""]
@@ -1165,6 +1214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also time the model's pieces (encoder, LLM layers, LM head + loss) on each side")
     ap.add_argument("--only-profile", action="store_true", help="run only the --profile part and print it")
+    ap.add_argument("--only-tagging", action="store_true", help="run only the tagging workload and update its rows "
+                    "and inference_tagging in OUT/results.{json,md}")
     ap.add_argument("--parallel", action="store_true",
                     help="smoke tests only: run the training and the inference phases at the same time "
                          "(the timings are then not comparable)")
@@ -1192,6 +1243,8 @@ def main(argv=None) -> int:
     if args.only_profile:
         print(profile_markdown(run_profile(s, 1, args.timeout), s))  # each piece: best of 3 calls
         return 0
+    if args.only_tagging:
+        return _update_tagging(s, args)
     if args.parallel:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -1212,8 +1265,19 @@ def main(argv=None) -> int:
            "facts": {**train["ref"][0]["facts"], **train["ours"][0]["facts"]},
            "settings": dataclasses.asdict(s), "packing": train["ours"][0]["train_full"]["packing"],
            "rows": build_rows(s, train, inf, args.peak_tflops), "infer_meta": inf["infer_meta"], "profile": prof,
+           "inference_tagging": _tagging_summary(inf["tagging"]),
            "raw": {"ours_train": train["ours"], "ref_train": train["ref"], "infer": inf}}
-    out = Path(args.out)
+    _write(res, Path(args.out))
+    return 0
+
+
+def _tagging_summary(tag: dict) -> dict:
+    import tagging
+
+    return {**tagging.rows(tag, row, stats)[1], "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def _write(res: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     md = markdown(res)
     for name, text in (("results.json", json.dumps(res, indent=1)), ("results.md", md)):
@@ -1221,6 +1285,29 @@ def main(argv=None) -> int:
         tmp.write_text(text)
         os.replace(tmp, out / name)  # a reader never sees half a table
     print(md)
+
+
+def _update_tagging(s: Settings, args) -> int:
+    """--only-tagging: measure the tagging workload and replace its rows in an existing results.json."""
+    import tagging
+
+    out = Path(args.out)
+    old = out / "results.json"
+    if not old.exists():
+        print(f"compare: --only-tagging updates {old}, which does not exist: run the whole comparison first",
+              file=sys.stderr)
+        return 2
+    res = json.loads(old.read_text())
+    tag = run_inference(s, args.repeats, args.timeout, tagging_only=True)["tagging"]
+    new_rows, _ = tagging.rows(tag, row, stats)
+    names = {r["row"] for r in new_rows}
+    res["rows"] = [r for r in res["rows"] if r["row"] not in names and not r["row"].startswith("tagging:")]
+    at = next((i for i, r in enumerate(res["rows"]) if r["row"].startswith("peak RSS")), len(res["rows"]))
+    res["rows"][at:at] = new_rows
+    res["inference_tagging"] = _tagging_summary(tag)
+    res.setdefault("raw", {})["tagging"] = tag
+    res["tagging_command"] = " ".join(["python bench/compare.py"] + sys.argv[1:])
+    _write(res, out)
     return 0
 
 

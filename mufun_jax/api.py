@@ -18,17 +18,19 @@ How a prompt is built, as the reference ``chat()`` does:
 - generation stops at the template's end token (``<|im_end|>``) or the tokenizer's eos, both looked
   up in the tokenizer; the answer is the new tokens only, decoded without special tokens and stripped.
 
-The engine is :class:`mufun_jax.generate.Generator`: static shapes, one compile per (length
-bucket, chunk bucket), a device-side decode loop. :meth:`MuFun.iter_results` feeds it: requests are
-taken in windows of ``window`` (default 8 batches), their audio is decoded on a thread pool while
-the previous window runs on the device, each window is sorted by expanded length (longest first) so
-that batches carry little padding, and results come back in input order. A request that cannot be
-served (missing or undecodable audio, a bad segment, a tag/audio count mismatch, too long for the
-largest bucket) becomes a :class:`Result` with ``error`` set; the others complete.
+The engine is :class:`mufun_jax.engine.Generator`: continuous batching over ``batch_size`` decode
+slots, each audio encoded once (audio files are keyed by path and segment) and each prompt prefix
+(system prompt, ``USER:``, the audio) prefilled once for all the questions about it.
+:meth:`MuFun.iter_results` feeds it lazily: requests are taken in windows of ``window``, whose audio
+is decoded on a thread pool while the engine works, and results come back in input order or, with
+``ordered=False``, as they complete. A request that cannot be served (missing or undecodable audio,
+a bad segment, a tag/audio count mismatch, too long for the largest bucket) becomes a
+:class:`Result` with ``error`` set; the others complete.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
@@ -91,6 +93,7 @@ class _Prepared:
     prompt_text: str = ""
     input_ids: list[int] = dataclasses.field(default_factory=list)
     audios: list = dataclasses.field(default_factory=list)  # per audio: list of 16 kHz 1-D chunks
+    audio_keys: list | None = None  # per audio: (path, segment) for files; None for arrays (hashed)
     seed: int = 0
     max_new_tokens: int | None = None
     candidates: list | None = None
@@ -209,7 +212,7 @@ class MuFun:
     def __init__(self, model, tokenizer, *, template: str = "qwen2_instruct", batch_size: int = 8,
                  max_new_tokens: int = 512, buckets: Sequence[int] | None = None, audio_root=None,
                  workers: int | None = None, window: int | None = None, **generator_kw):
-        from mufun_jax.generate import Generator
+        from mufun_jax.engine import Generator
 
         self.model = model
         self.cfg: MuFunConfig = model.cfg
@@ -278,7 +281,7 @@ class MuFun:
         return ids
 
     def _generator(self, cap: int):
-        from mufun_jax.generate import Generator
+        from mufun_jax.engine import Generator
 
         if cap <= self.generator.max_new_tokens:
             return self.generator
@@ -348,6 +351,11 @@ class MuFun:
                 p.audios = load_request_audio(*p.raw)
             except RequestError as e:
                 p.error = e
+            audio, time, root = p.raw
+            if p.error is None and all(not isinstance(a, np.ndarray) for a in audio):
+                segs = _segments(time, len(audio))
+                p.audio_keys = [(str(Path(root, a) if root is not None and not Path(a).is_absolute() else Path(a)),
+                                 None if s is None else tuple(float(x) for x in s)) for a, s in zip(audio, segs)]
         return p
 
     def _check(self, p: _Prepared, score: bool, end_token: bool) -> None:
@@ -390,9 +398,11 @@ class MuFun:
 
     def iter_results(self, requests: Iterable, *, score: bool = False, max_new_tokens: int | None = None,
                      temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
-                     end_token: bool = False, audio_root=None, progress: bool = False) -> Iterator[Result]:
-        """One :class:`Result` per request, in input order, never raising for a bad request. With
-        ``score`` each request needs ``candidates`` and gets their scores (see :meth:`score`)."""
+                     end_token: bool = False, audio_root=None, progress: bool = False,
+                     ordered: bool = True) -> Iterator[Result]:
+        """One :class:`Result` per request, never raising for a bad request: in input order, or with
+        ``ordered=False`` as each completes (what a streaming writer wants). With ``score`` each
+        request needs ``candidates`` and gets their scores (see :meth:`score`)."""
         from tqdm.auto import tqdm
 
         items = list(requests)
@@ -403,41 +413,80 @@ class MuFun:
         if default_cap < 1:
             raise ValueError(f"max_new_tokens={default_cap} must be >= 1")
         root = self.audio_root if audio_root is None else audio_root
-        with tqdm(total=len(items), desc="score" if score else "generate", unit="req", disable=not progress) as bar:
-            for window in self._windows(items, seed, root):
-                for p in window:
-                    self._check(p, score, end_token)
-                good = sorted((p for p in window if p.error is None), key=lambda p: -p.length)
-                out: dict[int, Result] = {}
-                if score:
-                    for p in good:
-                        try:
-                            out[p.index] = self._score_one(p)
-                        except ValueError as e:  # the engine's own checks; none expected after _check
-                            out[p.index] = Result(p.id, error="bad_request", message=str(e))
-                elif good:
-                    out.update(self._generate_many(good, default_cap, temperature, top_p, top_k))
-                for p in window:
-                    if p.error is not None:
-                        yield Result(p.id, error=p.error.reason, message=str(p.error))
-                    else:
-                        yield out[p.index]
-                bar.update(len(window))
+        with tqdm(total=len(items), desc="score" if score else "generate", unit="ans", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            results = (self._score_results(items, seed, root, end_token) if score else
+                       self._generate_results(items, seed, root, default_cap, temperature, top_p, top_k))
+            self._tokens_done = 0
+            if not ordered:
+                for _, r in results:
+                    bar.update(1)
+                    if r.token_ids:
+                        self._tokens_done += len(r.token_ids)
+                        bar.set_postfix_str(f"{self._tokens_done / max(bar.format_dict['elapsed'], 1e-9):.0f} tok/s",
+                                            refresh=False)
+                    yield r
+                return
+            held, at = {}, 0
+            for index, r in results:
+                held[index] = r
+                bar.update(1)
+                if r.token_ids:
+                    self._tokens_done += len(r.token_ids)
+                    bar.set_postfix_str(f"{self._tokens_done / max(bar.format_dict['elapsed'], 1e-9):.0f} tok/s",
+                                        refresh=False)
+                while at in held:
+                    yield held.pop(at)
+                    at += 1
 
-    def _generate_many(self, good: list[_Prepared], default_cap, temperature, top_p, top_k) -> dict[int, Result]:
+    def _score_results(self, items, seed, root, end_token):
+        for window in self._windows(items, seed, root):
+            for p in window:
+                self._check(p, True, end_token)
+                if p.error is not None:
+                    yield p.index, Result(p.id, error=p.error.reason, message=str(p.error))
+                    continue
+                try:
+                    yield p.index, self._score_one(p)
+                except ValueError as e:  # the engine's own checks; none expected after _check
+                    yield p.index, Result(p.id, error="bad_request", message=str(e))
+
+    def _generate_results(self, items, seed, root, default_cap, temperature, top_p, top_k):
+        """(input index, Result) as answers complete: the engine pulls requests lazily, so the next
+        window's audio decodes on threads while it works; failed requests come out as found."""
         from mufun_jax.generate import Request
 
-        caps = [default_cap if p.max_new_tokens is None else p.max_new_tokens for p in good]
-        gen = self._generator(max(max(caps), 1))
-        reqs = [Request(p.input_ids, p.audios, seed=p.seed, max_new_tokens=c) for p, c in zip(good, caps)]
-        outs = gen.generate(reqs, max_new_tokens=max(max(caps), 1), temperature=temperature, top_k=top_k,
-                            top_p=top_p)
-        res = {}
-        for p, o in zip(good, outs):
+        caps = []
+        for i, item in enumerate(items):
+            try:
+                own = parse_request(item, i)["max_new_tokens"]
+            except RequestError:
+                own = None
+            caps.append(default_cap if own is None else own)
+        gen = self._generator(max(caps + [1]))
+        order, failed = [], collections.deque()
+
+        def feed():
+            for window in self._windows(items, seed, root):
+                for p in window:
+                    self._check(p, False, False)
+                    if p.error is not None:
+                        failed.append((p.index, Result(p.id, error=p.error.reason, message=str(p.error))))
+                        continue
+                    order.append(p)
+                    yield Request(p.input_ids, p.audios, seed=p.seed, max_new_tokens=caps[p.index],
+                                  audio_keys=p.audio_keys)
+
+        for i, o in gen.stream(feed(), max_new_tokens=max(caps + [1]), temperature=temperature, top_k=top_k,
+                               top_p=top_p):
+            while failed:
+                yield failed.popleft()
+            p = order[i]
             ids = [int(t) for t in o.token_ids]
-            res[p.index] = Result(p.id, text=self.decode(ids, o.finish_reason), token_ids=ids,
+            yield p.index, Result(p.id, text=self.decode(ids, o.finish_reason), token_ids=ids,
                                   logprobs=[float(x) for x in o.logprobs], finish_reason=o.finish_reason)
-        return res
+        while failed:
+            yield failed.popleft()
 
     def _score_one(self, p: _Prepared) -> Result:
         from mufun_jax.generate import Request

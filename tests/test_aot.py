@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import libtpu  # noqa: E402,F401  (in the test extra; without it TPU topologies cannot be compiled here)
+import libtpu  # noqa: E402,F401  (make test installs it in .venv/libtpu; see the Makefile and conftest.py)
 
 from mufun_jax import aot  # noqa: E402
 from mufun_jax.config import preset  # noqa: E402

@@ -173,10 +173,12 @@ def test_batched_generate_equals_one_chat_at_a_time(setup):
                ("Compare <audio> with <audio>.", [d / "a.wav", d / "long.wav"], [None, [0, 12.5]]),
                ("Tell me about jazz.", None, None), ("Describe it.", str(d / "long.wav"), None),
                ("Is it loud?", d / "b.npy", [1.0, 3.0])]
-    api.window = 4  # two windows: sorting inside each, prefetching the next, results in input order
+    api.window = 4  # two windows: the next one's audio decodes while the engine works; results in input order
     try:
         batched = api.generate(requests, max_new_tokens=MAX_NEW, return_details=True)
+        stats = dict(api.generator.stats)
         texts = api.generate(requests, max_new_tokens=MAX_NEW)
+        again = {k: v - stats.get(k, 0) for k, v in api.generator.stats.items()}
     finally:
         api.window = 8 * 4
     assert [r.id for r in batched] == [0, "c", 2, 3, 4, 5]
@@ -192,7 +194,11 @@ def test_batched_generate_equals_one_chat_at_a_time(setup):
                            return_details=True)
     assert sampled[1].token_ids == details(api, *singles[1][:2], temperature=1.5, top_p=0.9, seed=7).token_ids
     assert sampled[0].token_ids != batched[0].token_ids
-    assert api.generator.compiles["generate"] == 2  # the audio bucket and the text-only bucket
+    assert api.generator.compiles["decode"] == 1  # one decode program for every request
+    # asked again, every audio prompt's prefix (system prompt, USER:, the audio) comes from the cache:
+    # no audio is encoded again and only the questions are prefilled
+    assert again.get("audio_encoded", 0) == 0 and again.get("prefix_computed", 0) == 0
+    assert again["prefix_reused"] == 5 and again["requests"] == 6
 
 
 def test_segments_cut_the_audio(setup):
@@ -241,7 +247,7 @@ def test_infer_cli_end_to_end(setup, tmp_path):
     out = tmp_path / "out.jsonl"
     r = subprocess.run([sys.executable, "infer.py", str(d / "conv"), str(tmp_path / "req.jsonl"), "--output", str(out),
                         "--audio-root", str(d), "--batch-size", "4", "--max-new-tokens", str(MAX_NEW),
-                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        "--no-progress", "--sort"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 1, r.stderr
     assert "3 of 5 requests answered" in r.stderr and "missing_file 1" in r.stderr
@@ -282,12 +288,73 @@ def test_infer_cli_score_mode_and_usage_errors(setup, tmp_path):
         assert all(len(s["token_logprobs"]) >= 1 for s in g["scores"])
 
     (tmp_path / "nocand.jsonl").write_text(json.dumps({"id": "x", "prompt": "hi"}) + "\n")
-    assert infer_main([str(d / "conv"), str(tmp_path / "nocand.jsonl"), "--output", str(out), "--score",
+    out2 = tmp_path / "nocand_out.jsonl"
+    assert infer_main([str(d / "conv"), str(tmp_path / "nocand.jsonl"), "--output", str(out2), "--score",
                        "--no-progress"]) == 1
-    assert _jsonl(out) == [{"id": "x", "error": "no_candidates", "message": _jsonl(out)[0]["message"]}]
-    assert infer_main([str(d / "conv"), str(tmp_path / "req.json"), "--output", str(out), "--top-p", "0"]) == 2
-    assert infer_main([str(d / "conv"), str(tmp_path / "absent.jsonl"), "--output", str(out)]) == 2
-    assert infer_main([str(tmp_path), str(tmp_path / "req.json"), "--output", str(out)]) == 2  # not a model
+    assert _jsonl(out2) == [{"id": "x", "error": "no_candidates", "message": _jsonl(out2)[0]["message"]}]
+    fresh = str(tmp_path / "fresh.jsonl")
+    assert infer_main([str(d / "conv"), str(tmp_path / "req.json"), "--output", fresh, "--top-p", "0"]) == 2
+    assert infer_main([str(d / "conv"), str(tmp_path / "absent.jsonl"), "--output", fresh]) == 2
+    assert infer_main([str(tmp_path), str(tmp_path / "req.json"), "--output", fresh]) == 2  # not a model
+    (tmp_path / "dup.json").write_text(json.dumps([{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"},
+                                                   {"id": "a", "prompt": "z"}]))
+    assert infer_main([str(d / "conv"), str(tmp_path / "dup.json"), "--output", fresh]) == 2  # before any work
+    assert not Path(fresh).exists()
     with pytest.raises(SystemExit) as e:
         infer_main([str(d / "conv")])
     assert e.value.code == 2
+
+
+def _infer(args, **kw):
+    return subprocess.Popen([sys.executable, "infer.py", *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}, **kw)
+
+
+def test_infer_cli_streams_resumes_after_sigkill_and_shards(setup, tmp_path):
+    """Results stream to the file as they complete; a run killed with SIGKILL and started again
+    (with a truncated last line left behind) ends with every id exactly once and the content of an
+    uninterrupted run; --shard I/N splits the work into disjoint files that merge to the same."""
+    import signal
+    import time
+
+    from mufun_jax.outputs import merge_shards
+
+    d, cfg, ref, tok, api = setup
+    audios = ["a.wav", "b.npy", "long.wav"]
+    reqs = [{"id": f"q{i}", "prompt": p, "audio": audios[i % 3]} for i, p in enumerate(
+        ["What genre is this?", "Is it fast?", "Describe it.", "Which instrument?", "Is it loud?", "Any vocals?"] * 2)]
+    (tmp_path / "req.jsonl").write_text("".join(json.dumps(r) + "\n" for r in reqs))
+    common = [d / "conv", tmp_path / "req.jsonl", "--audio-root", d, "--batch-size", "2", "--max-new-tokens",
+              str(MAX_NEW), "--no-progress"]
+    clean = tmp_path / "clean.jsonl"
+    assert _infer([*common, "--output", clean]).wait(timeout=300) == 0
+    want = {r["id"]: r for r in _jsonl(clean)}
+    assert sorted(want) == sorted(r["id"] for r in reqs)
+
+    out = tmp_path / "out.jsonl"
+    p = _infer([*common, "--output", out])
+    deadline = time.time() + 300
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    partial = _jsonl(out)
+    assert 3 <= len(partial) < len(reqs), len(partial)  # killed mid-way, with results already on disk
+    with open(out, "a") as f:
+        f.write('{"id": "q11", "answer": "cut sh')  # a line cut short by the kill
+    r = _infer([*common, "--output", out])
+    _, err = r.communicate(timeout=300)
+    assert r.returncode == 0, err
+    assert f"{len(partial)} of {len(reqs)} requests already done" in err
+    got = _jsonl(out)
+    assert sorted(g["id"] for g in got) == sorted(want)  # every id exactly once
+    assert {g["id"]: g for g in got} == want  # the same content as an uninterrupted run
+
+    for i in range(3):
+        assert _infer([*common, "--output", tmp_path / "sh.jsonl", "--shard", f"{i}/3"]).wait(timeout=300) == 0
+    shards = sorted(tmp_path.glob("sh.shard-*-of-3.jsonl"))
+    ids = [[g["id"] for g in _jsonl(s)] for s in shards]
+    assert len(shards) == 3 and all(ids) and sum(map(len, ids)) == len(reqs)
+    assert merge_shards(shards, [q["id"] for q in reqs], tmp_path / "merged.jsonl") == len(reqs)
+    assert _jsonl(tmp_path / "merged.jsonl") == [want[q["id"]] for q in reqs]

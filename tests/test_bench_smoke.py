@@ -20,6 +20,9 @@ ROWS = {  # (row, metric) pairs that must be present with both sides
     ("training, warmup recipe", "achieved GFLOP/s"), ("training, warmup recipe", "process CPU s per sample"),
     ("inference, 3 requests", "answers/s vs chat() loop"),
     ("inference, 3 requests", "answers/s vs HF batched generate"),
+    ("tagging: 2 songs x 4 questions", "answers/s vs chat() loop"),
+    ("tagging: 2 songs x 4 questions", "answers/s vs HF batched generate"),
+    ("tagging: 2 songs x 4 questions", "generated tokens/s vs chat() loop"),
     ("peak RSS, full training", "MB"),
     ("input pipeline: decode + resample + log-mel", "chunks/s"),
     ("input pipeline: log-mel only (device vs WhisperFeatureExtractor)", "chunks/s"),
@@ -55,6 +58,11 @@ def test_compare_tiny(tmp_path):
     meta = res["infer_meta"]
     assert meta["agree_with_chat"] == {"ours": meta["requests"], "ref_batched": meta["requests"]}, meta
     assert meta["generated_tokens"] > 0
+    tag = res["inference_tagging"]
+    assert tag["requests"] == 8 and tag["ratio_vs_chat_loop"] > 0 and tag["ratio_vs_hf_batched"] > 0
+    assert tag["agree_with_chat"] == {"ours": 8, "ref_batched": 8}, tag  # greedy answers equal the chat() loop's
+    assert tag["ours_stats"]["audio_encoded"] == 2 and tag["ours_stats"]["prefix_reused"] == 6  # once per song
+    assert set(tag["time_split"]) == {"encode", "prefill", "decode", "host and other"}
     for key in ("cpu_count", "loadavg_start", "loadavg_end"):
         assert key in res["machine"]
     for key in ("jax", "jax_backend", "torch", "torch_threads", "torch_parallel_info"):

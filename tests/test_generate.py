@@ -14,7 +14,8 @@ import torch
 from helpers import jax_mufun_from_torch
 from mufun_jax import audio
 from mufun_jax.config import IMAGE_TOKEN_INDEX as AUDIO, WhisperConfig, preset
-from mufun_jax.generate import Generator, Request, filter_logits
+from mufun_jax.engine import Generator
+from mufun_jax.generate import Request, filter_logits
 from torch_reference import TorchMuFun
 
 MAX_NEW = 8
@@ -90,7 +91,11 @@ def test_batched_equals_one_by_one(setup):
         alone = gen.generate([req])[0]
         np.testing.assert_array_equal(alone.token_ids, greedy[i].token_ids, err_msg=f"row {i}")
         np.testing.assert_allclose(alone.logprobs, greedy[i].logprobs, rtol=0, atol=1e-5, err_msg=f"row {i}")
-    assert gen.compiles["generate"] == 2  # the audio shape, plus the text-only row alone
+    # steady state: the same work again compiles nothing, and the decode loop compiled once
+    compiles = dict(gen.compiles)
+    for req in requests:
+        gen.generate([req])
+    assert dict(gen.compiles) == compiles and gen.compiles["decode"] == 1, gen.compiles
 
 
 def test_stop_token_and_max_new_tokens(setup):
@@ -104,7 +109,7 @@ def test_stop_token_and_max_new_tokens(setup):
     out = gen.generate([requests[r]], eos_token_id=[stop])[0]
     assert out.finish_reason == "stop"
     np.testing.assert_array_equal(out.token_ids, toks[:k + 1])
-    assert gen.stats["decode_steps"] - steps == k + 1  # the loop exited early: every row was done
+    assert gen.stats["decode_steps"] - steps == k  # token 0 comes from the prefill; the loop exited at the stop
 
     out = gen.generate(requests, eos_token_id=stop)
     for g, o in zip(greedy, out):
@@ -121,7 +126,7 @@ def test_stop_token_and_max_new_tokens(setup):
         assert o.finish_reason == "length"
         np.testing.assert_array_equal(o.token_ids, g.token_ids[:len(o.token_ids)])
         np.testing.assert_allclose(o.logprobs, g.logprobs[:len(o.logprobs)], atol=1e-5)
-    assert gen.compiles["generate"] <= 2
+    assert gen.compiles["decode"] == 1
 
 
 def test_sampling_reproducible_and_batch_independent(setup):
@@ -169,13 +174,18 @@ def test_one_compile_per_bucket(setup):
     for c, w in zip(chunked, main_gen.generate(pair, max_new_tokens=4)):
         np.testing.assert_array_equal(c.token_ids, w.token_ids)
         np.testing.assert_allclose(c.logprobs, w.logprobs, atol=1e-5)
-    gen.generate([prompt(32)])
-    gen.generate([prompt(20), prompt(30), prompt(19, 1), prompt(21)], temperature=0.7, top_k=5, eos_token_id=[3, 4])
-    gen.generate([prompt(18)], max_new_tokens=2, top_p=0.5, temperature=1.0)
-    assert gen.compiles["generate"] == 1, gen.compiles
-    assert gen.stats["batches"] == 5
-    gen.generate([prompt(3)])
-    assert gen.compiles["generate"] == 2, gen.compiles
+    work = lambda: (gen.generate([prompt(32)]),
+                    gen.generate([prompt(20), prompt(30), prompt(19, 1), prompt(21)], temperature=0.7, top_k=5,
+                                 eos_token_id=[3, 4]),
+                    gen.generate([prompt(18)], max_new_tokens=2, top_p=0.5, temperature=1.0))
+    work()
+    compiles = dict(gen.compiles)
+    # prefill: one program per (admission batch, suffix bucket) seen: (2, 32), (1, 32); decode: one
+    assert compiles == {"prefill": 2, "decode": 1}, compiles
+    work()  # the same shapes with other settings, seeds and stop ids: nothing new
+    assert dict(gen.compiles) == compiles
+    gen.generate([prompt(3)])  # a new suffix bucket (16)
+    assert gen.compiles["prefill"] == 3 and gen.compiles["decode"] == 1, gen.compiles
 
 
 def test_too_long_is_a_clear_error(setup):
@@ -219,3 +229,95 @@ def test_score_ranks_and_matches_torch(setup):
     print(f"score vs torch teacher-forced: max |logprob diff| {worst:.2e}")
     assert worst <= 1e-4
     assert gen.compiles["score"] == 1
+
+
+# -- continuous batching, audio once, prefix reuse -----------------------------------------------
+
+
+def test_prefix_reuse_and_audio_once_equal_no_reuse(setup):
+    """Several questions about each of two songs whose prompts differ only after the audio: with the
+    caches, each song is encoded and its prefix prefilled once; without them everything is computed
+    per request. Greedy tokens are equal and log-probs agree within fp32 tolerance (1e-5)."""
+    cfg, _, model, _, _, _ = setup
+    rng = np.random.default_rng(7)
+    v = cfg.qwen3.vocab_size
+    head = [int(x) for x in rng.integers(1, v, 6)]  # the same system prompt + "USER:" for every request
+    t = np.arange(audio.CHUNK_SAMPLES) / 16000
+    songs = [(0.1 * rng.standard_normal(audio.CHUNK_SAMPLES)).astype(np.float32)[None],
+             (0.8 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)[None]]
+    questions = [[int(x) for x in rng.integers(1, v, n)] for n in (3, 7, 12)]
+    reqs = [Request([*head, AUDIO, *q], [song], seed=i) for i, (song, q) in
+            enumerate((s, q) for s in songs for q in questions)]
+    kw = dict(max_new_tokens=MAX_NEW, batch_size=2, buckets=(32, 1024), chunk_buckets=(6,), eos_token_id=())
+    cached = Generator(model, **kw)
+    plain = Generator(model, audio_cache_bytes=0, prefix_cache_bytes=0, **kw)
+    a, b = cached.generate(reqs), plain.generate(reqs)
+    assert cached.stats["audio_encoded"] == 2 and cached.stats["prefix_computed"] == 2
+    assert cached.stats["prefix_reused"] == 4
+    assert plain.stats["audio_encoded"] >= 4 and plain.stats["prefix_computed"] >= 4  # nothing kept
+    assert len(cached.prefix_cache) == 2 and len(plain.prefix_cache) == 0
+    for i, (x, y) in enumerate(zip(a, b)):
+        np.testing.assert_array_equal(x.token_ids, y.token_ids, err_msg=str(i))
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5, err_msg=str(i))
+    # the two songs share every token before the audio, but not their prefix: their answers differ
+    assert all(not np.allclose(x.logprobs, y.logprobs, atol=1e-3) for x, y in zip(a[:3], a[3:]))
+
+
+def test_continuous_batching_does_not_wait_for_long_answers(setup):
+    """Two slots, one long answer and four short ones: the short ones stream out while the long one
+    runs, the whole set takes about as many decode steps as the long answer alone, and every answer
+    equals the one the request gets on its own."""
+    cfg, _, model, _, _, _ = setup
+    rng = np.random.default_rng(8)
+    prompt = lambda n, cap: Request([int(x) for x in rng.integers(1, cfg.qwen3.vocab_size, n)], max_new_tokens=cap)
+    reqs = [prompt(9, 24)] + [prompt(5 + i, 3) for i in range(4)]
+    gen = Generator(model, max_new_tokens=24, batch_size=2, buckets=(32,), eos_token_id=(), decode_steps=4)
+    order = [i for i, _ in gen.stream(reqs)]
+    assert order[-1] == 0 and sorted(order) == list(range(5))  # the long one finishes last
+    assert gen.stats["decode_steps"] <= 24  # the short ones ran beside it, not after it
+    for i, r in enumerate(reqs):
+        alone = gen.generate([r])[0]
+        together = dict(gen.stream(reqs))[i]
+        np.testing.assert_array_equal(alone.token_ids, together.token_ids)
+        assert len(alone.token_ids) == r.max_new_tokens
+
+
+def test_lru_cache_is_bounded_in_bytes():
+    from mufun_jax.engine import LRUCache
+
+    c = LRUCache(max_bytes=3 * 400)
+    for i in range(5):
+        c.put(i, np.zeros(100, np.float32))  # 400 bytes each
+    assert len(c) == 3 and c.bytes == 1200 and c.get(0) is None and c.get(4) is not None
+    c.get(2)  # used: 3 becomes the oldest
+    c.put(5, np.zeros(100, np.float32))
+    assert c.get(3) is None and c.get(2) is not None
+    c.put("big", np.zeros(1000, np.float32))  # larger than the bound: not kept, nothing evicted for it
+    assert c.get("big") is None and len(c) == 3
+
+
+def test_long_audio_and_long_answers_beside_short_ones_compile_once(setup):
+    """A 5-minute song (10 chunks) with a long answer runs in the same slots as short requests; a
+    second run with other lengths, caps and seeds compiles nothing new."""
+    cfg, _, model, _, _, _ = setup
+    rng = np.random.default_rng(9)
+    v = cfg.qwen3.vocab_size
+    text = lambda n: [int(x) for x in rng.integers(1, v, n)]
+    song = (0.1 * rng.standard_normal(10 * audio.CHUNK_SAMPLES)).astype(np.float32)  # 300 s: 10 chunks
+    clip = (0.1 * rng.standard_normal(audio.CHUNK_SAMPLES // 2)).astype(np.float32)
+    gen = Generator(model, max_new_tokens=48, batch_size=2, buckets=(32, 512, 3072), max_chunks=10,
+                    chunk_buckets=(1, 2, 4, 16), eos_token_id=(), decode_steps=8)
+
+    def run(seed):
+        reqs = [Request([*text(4), AUDIO, *text(9)], [song], seed=seed, max_new_tokens=48),
+                Request(text(5 + seed), seed=seed, max_new_tokens=3),
+                Request([*text(3), AUDIO, *text(4)], [clip], seed=seed, max_new_tokens=5),
+                Request(text(20), seed=seed, max_new_tokens=2)]
+        return reqs, gen.generate(reqs, temperature=0.5 * seed)
+
+    reqs, out = run(0)
+    assert [len(o.token_ids) for o in out] == [48, 3, 5, 2]
+    assert gen.check(reqs[0]) == 3000 + 13
+    compiles = dict(gen.compiles)
+    run(1)
+    assert dict(gen.compiles) == compiles, (compiles, gen.compiles)

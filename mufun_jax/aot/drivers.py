@@ -211,39 +211,25 @@ def _kernel_attention_flops(model_cfg, trainable, remat_policy: str, chunks: int
 # -- inference --------------------------------------------------------------------------------------
 
 
-def _infer_functions(graphdef, max_len: int, prefill_chunk: int | None):
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from mufun_jax import generate
-
-    def prefill(state, input_ids, audio_slots, waves, lengths):
-        model = nnx.merge(graphdef, state)
-        embeds = generate.embed_prompt(model, input_ids, audio_slots, waves)
-        last, cache = generate.prefill(model, embeds, lengths, model.init_cache(input_ids.shape[0], max_len),
-                                       prefill_chunk)
-        return jnp.argmax(model.logits(last), axis=-1).astype(jnp.int32), cache
-
-    def decode(state, cache, tokens, positions):
-        logits, cache = generate.decode_step(nnx.merge(graphdef, state), tokens, positions, cache)
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
-
-    return prefill, decode
-
-
 def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tokens: int = 512,
                   chunks_per_row: int | None = None, mesh_shape: Sequence[int] = (1, 1, -1), num_slices: int = 1,
-                  model_cfg=None, prefill_chunk: int | None = None) -> list[AotResult]:
-    """AOT-compile the prefill (prompt of ``context`` tokens, with ``chunks_per_row`` 30 s audio
-    chunks per row, default half the context) and one decode step (cache of ``context + new_tokens``
-    slots) of the model (default the mufun-8b preset) with bf16 weights, on a (data, fsdp, tensor)
-    mesh (default: tensor parallel over every chip of a slice)."""
+                  model_cfg=None, prefill_chunk: int | None = None, prefill_batch: int = 4,
+                  suffix_len: int = 64, decode_steps: int = 16) -> list[AotResult]:
+    """AOT-compile the continuous-batching engine's three programs (:mod:`mufun_jax.engine`) for
+    ``batch`` decode slots over a KV cache of ``context + new_tokens`` positions, bf16 weights and
+    cache, on a (data, fsdp, tensor) mesh (default: tensor parallel over every chip of a slice):
+
+    - ``prefix``: the keys/values of ``prefill_batch`` prompt prefixes of ``context`` tokens, with
+      ``chunks_per_row`` 30 s audio chunks each (default half the context), audio encoded inside;
+    - ``prefill``: ``prefill_batch`` such prefixes placed into slots, ``suffix_len`` question tokens
+      prefilled on top, the first token chosen (the big cache donated);
+    - ``decode``: every slot advanced up to ``decode_steps`` tokens (the big cache donated)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
     from jax.sharding import NamedSharding
 
-    from mufun_jax import audio
+    from mufun_jax import audio, generate
     from mufun_jax.checkpoint import abstract_model, abstract_params
     from mufun_jax.config import RunSettings, preset
     from mufun_jax.models.qwen3 import KVCache
@@ -252,43 +238,68 @@ def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tok
     topo = topology if isinstance(topology, Topology) else get_topology(topology, num_slices)
     model_cfg = model_cfg or preset("mufun-8b")
     mesh = topology_mesh(topo, *mesh_shape)
-    chunks_per_row = (context // model_cfg.tokens_per_chunk // 2) if chunks_per_row is None else chunks_per_row
-    if chunks_per_row * model_cfg.tokens_per_chunk > context:
-        raise ValueError(f"{chunks_per_row} chunks x {model_cfg.tokens_per_chunk} tokens do not fit a context of "
-                         f"{context}")
-    chunks = batch * chunks_per_row
+    tpc = model_cfg.tokens_per_chunk
+    chunks_per_row = (context // tpc // 2) if chunks_per_row is None else chunks_per_row
+    if chunks_per_row * tpc > context:
+        raise ValueError(f"{chunks_per_row} chunks x {tpc} tokens do not fit a context of {context}")
+    p = prefill_batch
     max_len = context + new_tokens
     abstract = abstract_model(model_cfg, RunSettings(dtype="bfloat16", param_dtype="bfloat16"))
     graphdef = nnx.graphdef(abstract)
+    merge = lambda st: nnx.merge(graphdef, st)
     with _quiet_logging():
         state = abstract_params(abstract, mesh)
-    prefill, decode = _infer_functions(graphdef, max_len, prefill_chunk)
 
     def sharded(shape, dtype, axes):
         spec = logical_to_spec(axes, shape=shape, mesh=mesh)
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
 
     q = model_cfg.qwen3
-    cache_shape = (q.num_hidden_layers, batch, max_len, q.num_key_value_heads, q.head_dim)
     with _quiet_logging():
         rows = lambda shape, dt=jnp.int32: sharded(shape, dt, ("batch",) + (None,) * (len(shape) - 1))
-        cache_struct = sharded(cache_shape, jnp.bfloat16, ("layers", "batch", None, "kv_heads", "head_dim"))
-        prefill_args = (state, rows((batch, context)), rows((batch, context)),
-                        rows((chunks, audio.CHUNK_SAMPLES), jnp.float32) if chunks else None, rows((batch,)))
-    cache = KVCache(cache_struct, cache_struct)
-    cache_sh = KVCache(cache_struct.sharding, cache_struct.sharding)
-    tokens = rows((batch,))
-    steps = [("prefill", jax.jit(prefill, out_shardings=(tokens.sharding, cache_sh)), prefill_args),
-             ("decode", jax.jit(decode, out_shardings=(tokens.sharding, cache_sh), donate_argnums=1),
-              (state, cache, tokens, rows((batch,))))]
+        kv = lambda n, length: sharded((q.num_hidden_layers, n, length, q.num_key_value_heads, q.head_dim),
+                                       jnp.bfloat16, ("layers", "batch", None, "kv_heads", "head_dim"))
+        big, pre = kv(batch, max_len), kv(p, context)
+        waves = rows((p * chunks_per_row, audio.CHUNK_SAMPLES), jnp.float32) if chunks_per_row else None
+    cache, prefix = KVCache(big, big), KVCache(pre, pre)
+
+    def prefix_fn(st, ids, slots, w):
+        m = merge(st)
+        return generate.prefix_kv(m, ids, slots, None if w is None else m.encode_audio(w), prefill_chunk)
+
+    def prefill_fn(st, cache, *a):
+        return generate.prefill_slots(merge(st), cache, *a)
+
+    def decode_fn(st, cache, *a):
+        return generate.decode_chunk(merge(st), cache, *a, decode_steps)
+
+    f32, i32, u32 = jnp.float32, jnp.int32, jnp.uint32
+    per = lambda n, dt: rows((n,), dt)
+    sampling = lambda n: (per(n, u32), per(n, f32), per(n, i32), per(n, f32))
+    steps = [
+        ("prefix", jax.jit(prefix_fn), (state, rows((p, context)), rows((p, context)), waves)),
+        ("prefill", jax.jit(prefill_fn, donate_argnums=1),
+         (state, cache, per(p, i32), prefix, per(p, i32), rows((p, suffix_len)), per(p, i32), *sampling(p))),
+        ("decode", jax.jit(decode_fn, donate_argnums=1),
+         (state, cache, per(batch, i32), per(batch, i32), per(batch, jnp.bool_), per(batch, i32), per(batch, i32),
+          *sampling(batch), jax.ShapeDtypeStruct((8,), i32))),
+    ]
     out = []
     for step, jitted, args in steps:
         r = AotResult(step, topo.name, topo.num_slices, topo.chips, dict(mesh.shape), topo.hbm_bytes, False)
-        r.tokens = batch * context if step == "prefill" else batch
-        r.model_flops = (flops.prefill_flops(model_cfg, chunks, [context] * batch) if step == "prefill"
-                         else flops.decode_flops(model_cfg, batch, max_len))
-        r.detail = (f"batch {batch}, context {context} ({chunks_per_row} audio chunks/row), cache {max_len} slots, "
-                    f"bf16 weights and cache" + (f", prefill_chunk {prefill_chunk}" if prefill_chunk else ""))
+        if step == "prefix":
+            r.tokens = p * context
+            r.model_flops = flops.prefill_flops(model_cfg, p * chunks_per_row, [context] * p)
+        elif step == "prefill":
+            r.tokens = p * suffix_len
+            r.model_flops = sum(flops.forward_flops(model_cfg, 0, [suffix_len] * p, head_positions=p).values())
+        else:
+            r.tokens = batch * decode_steps
+            r.model_flops = decode_steps * flops.decode_flops(model_cfg, batch, max_len)
+        r.detail = (f"{batch} slots x {max_len} cache positions (context {context} + {new_tokens} new), bf16 weights "
+                    f"and cache; admission batch {p} (prefix {context} tokens with {chunks_per_row} audio chunks, "
+                    f"suffix {suffix_len}), {decode_steps} decode steps per call"
+                    + (f", prefill_chunk {prefill_chunk}" if prefill_chunk else ""))
         compile_step(r, jitted, args, mesh)
         out.append(r)
     return out

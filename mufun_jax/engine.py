@@ -1,0 +1,557 @@
+"""The generation engine: continuous batching over a fixed set of decode slots, each song encoded
+once for all its questions, and prefix KV reuse. Built for dataset-scale inference: tagging,
+captioning and transcribing large collections with several questions per song.
+
+How a request runs:
+1. **Audio, once.** Each audio is known by a key (``Request.audio_keys``, e.g. ``(path, segment)``,
+   or a hash of its samples). Its connector output is computed once and kept in an LRU cache
+   bounded in bytes (``audio_cache_bytes``), so every question about a song reuses it.
+2. **Prefix, once.** A prompt splits at its last ``<audio>``: the prefix (system prompt, ``USER:``,
+   the audio tokens) and the suffix (the question, ``ASSISTANT:``). The prefix's keys and values
+   are computed once per (prefix tokens, audios) and kept in a second LRU cache
+   (``prefix_cache_bytes``); each request then prefills only its suffix on top of them.
+3. **Continuous batching.** ``batch_size`` decode slots share one preallocated KV cache of
+   ``buckets[-1] + max_new_tokens`` positions. A device loop advances every slot up to
+   ``decode_steps`` tokens and returns as soon as one finishes; the host then prefills the next
+   waiting request into that slot while the others keep their place. Short answers never wait for
+   long ones, and long audio or long answers run beside short ones.
+
+Static shapes: prefix lengths are padded to ``buckets``, suffix lengths to ``suffix_buckets``,
+admission batches to powers of two up to ``prefill_batch``, and a batch's audio chunks to
+``chunk_buckets``; the slot count and the cache length are fixed. So a run compiles a bounded set
+of programs and a steady-state run compiles nothing (``compiles`` counts traces). Sampling
+settings, seeds, stop ids and per-request limits are arrays, not constants.
+
+Scoring (teacher-forced log-likelihood of candidates) runs one forward pass without a cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import math
+import time
+from typing import Iterable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mufun_jax import audio as audio_lib
+from mufun_jax import generate as dev
+from mufun_jax.config import ENDOFTEXT_ID, IM_END_ID, IMAGE_TOKEN_INDEX, check_sampling
+from mufun_jax.generate import GenerationOutput, Request, ScoreOutput
+from mufun_jax.models.qwen3 import KVCache
+from mufun_jax.splice import expand_placeholders
+
+DEFAULT_EOS_TOKEN_ID = (IM_END_ID, ENDOFTEXT_ID)  # `<|im_end|>` ends an instruct answer, `<|endoftext|>` a base one
+_STOP_PAD = 8  # stop-id arrays are padded to a multiple of this, so their count rarely changes the shape
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise AssertionError(n)  # callers check the limit first
+
+
+def _pow2_upto(limit: int) -> tuple[int, ...]:
+    out, b = [], 1
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (limit,)
+
+
+def _stop_array(eos_token_id) -> np.ndarray:
+    ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, (int, np.integer))
+                                           else list(eos_token_id))
+    n = max(_STOP_PAD, math.ceil(len(ids) / _STOP_PAD) * _STOP_PAD)
+    return np.asarray(ids + [-1] * (n - len(ids)), np.int32)
+
+
+def _nbytes(tree) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+class LRUCache:
+    """Least-recently-used values, bounded by their total bytes; an entry larger than the bound is
+    not kept."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self._d: collections.OrderedDict = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def get(self, key):
+        if key not in self._d:
+            return None
+        self._d.move_to_end(key)
+        return self._d[key][0]
+
+    def put(self, key, value) -> None:
+        n = _nbytes(value)
+        if key in self._d:
+            self.bytes -= self._d.pop(key)[1]
+        if n > self.max_bytes:
+            return
+        while self._d and self.bytes + n > self.max_bytes:
+            self.bytes -= self._d.popitem(last=False)[1][1]
+        self._d[key] = (value, n)
+        self.bytes += n
+
+
+class _Job:
+    """One request on its way: validated inputs, cache keys, and its answer so far."""
+
+    __slots__ = ("index", "ids", "arrays", "kinds", "keys", "cpa", "cut", "prefix_key", "row_max", "seed", "tokens",
+                 "logprobs", "slot")
+
+    def __init__(self, index, ids, arrays, kinds, keys, row_max, seed):
+        self.index, self.ids, self.arrays, self.kinds, self.keys = index, ids, arrays, kinds, keys
+        self.cpa = [len(a) for a in arrays]
+        audio_at = [i for i, x in enumerate(ids) if x == IMAGE_TOKEN_INDEX]
+        self.cut = audio_at[-1] + 1 if audio_at else 0  # prefix = ids[:cut], suffix = ids[cut:]
+        self.prefix_key = (tuple(ids[:self.cut]), tuple(keys))
+        self.row_max, self.seed = row_max, seed
+        self.tokens, self.logprobs, self.slot = [], [], None
+
+
+class Generator:
+    """Continuous-batching generation and batched scoring for a :class:`~mufun_jax.models.MuFun`
+    (see the module docstring).
+
+    ``batch_size`` is the number of decode slots; ``max_new_tokens`` caps every answer and sizes the
+    cache; ``buckets`` are the padded prompt (prefix) lengths, audio slots included;
+    ``max_chunks`` limits one request's 30 s chunks (default: as many as fit the largest bucket);
+    ``prefill_chunk`` (dividing the buckets) runs prefix prefills in pieces to bound their memory.
+    ``eos_token_id`` is the default stop set. ``compiles`` counts traces of each jitted function;
+    ``stats`` counts requests, cache hits and decode steps; with ``profile=True`` ``timings`` holds
+    the seconds spent encoding audio, prefilling and decoding (each phase waits for the device).
+
+    The model's current state is read at every call; the caches are keyed by inputs, not weights,
+    so call :meth:`clear_caches` after changing the weights.
+    """
+
+    def __init__(self, model, *, max_new_tokens: int = 256, batch_size: int = 8,
+                 buckets: Sequence[int] = (256, 512, 1024, 2048, 4096), max_chunks: int | None = None,
+                 chunk_buckets: Sequence[int] | None = None, suffix_buckets: Sequence[int] | None = None,
+                 prefill_batch: int | None = None, decode_steps: int = 16,
+                 eos_token_id: int | Sequence[int] | None = DEFAULT_EOS_TOKEN_ID, pad_token_id: int | None = None,
+                 prefill_chunk: int | None = None, audio_cache_bytes: int = 256 << 20,
+                 prefix_cache_bytes: int = 1 << 30, profile: bool = False, max_batch_chunks: int | None = None):
+        if max_new_tokens < 1 or batch_size < 1 or decode_steps < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens}, batch_size={batch_size} and decode_steps="
+                             f"{decode_steps} must be >= 1")
+        if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+            raise ValueError(f"buckets={list(buckets)} must be strictly increasing positive lengths")
+        self.model, self.cfg = model, model.cfg
+        self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
+        self.buckets = tuple(int(b) for b in buckets)
+        self.suffix_buckets = tuple(suffix_buckets) if suffix_buckets is not None else tuple(sorted(
+            {b for b in (16, 32, 64, 128) if b < self.buckets[-1]} | {b for b in self.buckets if b > 128}
+            | {self.buckets[-1]}))
+        if list(self.suffix_buckets) != sorted(set(self.suffix_buckets)) or self.suffix_buckets[-1] < self.buckets[-1]:
+            raise ValueError(f"suffix_buckets={list(self.suffix_buckets)} must increase and reach the largest bucket "
+                             f"{self.buckets[-1]}")
+        tpc = self.cfg.tokens_per_chunk
+        self.max_chunks = int(max_chunks) if max_chunks is not None else max(self.buckets[-1] // tpc, 1)
+        self.prefill_batch = int(prefill_batch or batch_size)
+        self.batch_sizes = _pow2_upto(self.prefill_batch)
+        limit = int(max_batch_chunks) if max_batch_chunks is not None else self.prefill_batch * self.max_chunks
+        self.chunk_buckets = tuple(chunk_buckets) if chunk_buckets is not None else _pow2_upto(limit)
+        if list(self.chunk_buckets) != sorted(set(self.chunk_buckets)) or self.chunk_buckets[-1] < self.max_chunks:
+            raise ValueError(f"chunk_buckets={list(self.chunk_buckets)} must increase and reach max_chunks="
+                             f"{self.max_chunks}")
+        if prefill_chunk is not None and (prefill_chunk < 1 or any(b % prefill_chunk for b in self.buckets
+                                                                    if b > prefill_chunk)):
+            raise ValueError(f"prefill_chunk={prefill_chunk} must divide every bucket longer than it "
+                             f"(buckets={list(self.buckets)})")
+        self.prefill_chunk = prefill_chunk
+        self.decode_steps = int(decode_steps)
+        self.max_len = self.buckets[-1] + self.max_new_tokens
+        self.eos_token_id = eos_token_id
+        self.pad_token_id = self.cfg.pad_token_id if pad_token_id is None else int(pad_token_id)
+        self.audio_cache = LRUCache(audio_cache_bytes)
+        self.prefix_cache = LRUCache(prefix_cache_bytes)
+        self.profile = profile
+        self.compiles: collections.Counter = collections.Counter()
+        self.stats: collections.Counter = collections.Counter()
+        self.timings: collections.Counter = collections.Counter()
+        self.graphdef = nnx.graphdef(model)
+        self._cache = None
+        merge = lambda state: nnx.merge(self.graphdef, state)
+
+        def counted(name, fn):
+            def wrapper(*args):
+                self.compiles[name] += 1  # runs only while tracing
+                return fn(*args)
+            return wrapper
+
+        self._encode = jax.jit(counted("encode", lambda st, x: merge(st).encode_audio(x)))
+        self._prefix = jax.jit(counted("prefix", lambda st, ids, slots, emb: dev.prefix_kv(
+            merge(st), ids, slots, emb, self.prefill_chunk)))
+        self._prefill = jax.jit(counted("prefill", lambda st, cache, *a: dev.prefill_slots(
+            merge(st), cache, *a, chunk=self.prefill_chunk)), donate_argnums=1)
+        self._decode = jax.jit(counted("decode", lambda st, cache, *a: dev.decode_chunk(
+            merge(st), cache, *a, self.decode_steps)), donate_argnums=1)
+        self._score = jax.jit(counted("score", lambda st, *a: dev.score_positions(merge(st), *a)))
+
+    @property
+    def num_compiles(self) -> int:
+        return sum(self.compiles.values())
+
+    def clear_caches(self) -> None:
+        """Forget every cached audio embedding and prefix (e.g. after the weights changed)."""
+        self.audio_cache = LRUCache(self.audio_cache.max_bytes)
+        self.prefix_cache = LRUCache(self.prefix_cache.max_bytes)
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def _audio_chunks(self, a) -> tuple[str, np.ndarray]:
+        """One audio -> ("waves", (k, 480000)) or ("mel", (k, n_mels, 3000))."""
+        if isinstance(a, (list, tuple)):
+            return "waves", audio_lib.pad_chunks([np.asarray(c, np.float32) for c in a])
+        a = np.asarray(a, np.float32)
+        if a.ndim == 1:
+            return "waves", audio_lib.pad_chunks(audio_lib.chunk(a))
+        if a.ndim == 2 and a.shape[1] == audio_lib.CHUNK_SAMPLES:
+            return "waves", a
+        w = self.cfg.whisper
+        if a.ndim == 3 and a.shape[1:] == (w.num_mel_bins, w.num_frames):
+            return "mel", a
+        raise ValueError(f"an audio must be waveform chunks (k, {audio_lib.CHUNK_SAMPLES}), a list of 1-D chunks, "
+                         f"a 1-D waveform or log-mel (k, {w.num_mel_bins}, {w.num_frames}); got shape {a.shape}")
+
+    def _prepare(self, request, index: int = 0, extra_tokens: int = 0):
+        """Validate one request; returns (input_ids, chunks per audio, kinds, [audio arrays], keys)."""
+        ids = [int(x) for x in request.input_ids]
+        raw = getattr(request, "audios", None)
+        if raw is None:
+            raw = getattr(request, "chunks", ())  # a data.dataset.Sample
+        kinds, arrays = [], []
+        for j, a in enumerate(raw):
+            try:
+                kind, arr = self._audio_chunks(a)
+            except ValueError as e:
+                raise ValueError(f"request {index}, audio {j}: {e}") from None
+            kinds.append(kind)
+            arrays.append(arr)
+        keys = getattr(request, "audio_keys", None)
+        if keys is None:
+            keys = [(kind, arr.shape, hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest())
+                    for kind, arr in zip(kinds, arrays)]
+        elif len(keys) != len(arrays):
+            raise ValueError(f"request {index}: {len(keys)} audio_keys for {len(arrays)} audios")
+        chunks_per_audio = [len(a) for a in arrays]
+        n_chunks = sum(chunks_per_audio)
+        if n_chunks > self.max_chunks:
+            raise ValueError(f"request {index}: {n_chunks} audio chunks, more than max_chunks={self.max_chunks}")
+        n_placeholders = sum(1 for x in ids if x == IMAGE_TOKEN_INDEX)
+        if n_placeholders != len(arrays):
+            raise ValueError(f"request {index}: {n_placeholders} <audio> placeholders ({IMAGE_TOKEN_INDEX}) but "
+                             f"{len(arrays)} audios")
+        length = len(ids) - n_placeholders + self.cfg.tokens_per_chunk * n_chunks + extra_tokens
+        if length < 1:
+            raise ValueError(f"request {index}: empty prompt")
+        if length > self.buckets[-1]:
+            what = "prompt + longest candidate" if extra_tokens else "prompt"
+            raise ValueError(f"request {index}: {what} has {length} tokens after audio expansion, more than the "
+                             f"largest bucket {self.buckets[-1]}")
+        return ids, chunks_per_audio, kinds, arrays, list(keys)
+
+    def check(self, request) -> int:
+        """Raise ValueError if ``request`` cannot be served (too long, too many chunks, bad audio);
+        returns its expanded prompt length. Lets a caller turn one bad request into an error record."""
+        ids, cpa, _, _, _ = self._prepare(request)
+        return len(ids) - len(cpa) + self.cfg.tokens_per_chunk * sum(cpa)
+
+    # -- device phases ---------------------------------------------------------------------------
+
+    def _timed(self, phase: str, fn, *args):
+        if not self.profile:
+            return fn(*args)
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn(*args))
+        self.timings[phase] += time.perf_counter() - t0
+        return out
+
+    def _embeds(self, state, jobs: list[_Job]) -> dict:
+        """The audio embeddings of ``jobs`` by key: from the audio cache, or encoded (batched by
+        kind) and put there. The dict holds them for this admission even if the cache cannot."""
+        todo: dict = {}
+        found: dict = {}
+        for job in jobs:
+            for key, kind, arr in zip(job.keys, job.kinds, job.arrays):
+                if key in todo or key in found:
+                    continue
+                emb = self.audio_cache.get(key)
+                if emb is None:
+                    todo[key] = (kind, arr)
+                else:
+                    found[key] = emb
+                    self.stats["audio_cache_hits"] += 1
+        for kind in ("waves", "mel"):
+            items = [(k, a) for k, (kd, a) in todo.items() if kd == kind]
+            while items:  # chunk budget per call: the largest chunk bucket
+                group, n = [], 0
+                while items and (not group or n + len(items[0][1]) <= self.chunk_buckets[-1]):
+                    group.append(items.pop(0))
+                    n += len(group[-1][1])
+                x = np.concatenate([a for _, a in group])
+                c = _bucket(n, self.chunk_buckets)
+                x = np.concatenate([x, np.zeros((c - n,) + x.shape[1:], np.float32)])
+                emb = self._timed("encode", self._encode, state, x)
+                at = 0
+                for k, a in group:
+                    found[k] = emb[at:at + len(a)]
+                    self.audio_cache.put(k, found[k])
+                    at += len(a)
+                self.stats["audio_encoded"] += len(group)
+        return found
+
+    def _prefixes(self, state, jobs: list[_Job]) -> dict:
+        """The prefix keys/values of ``jobs`` by prefix key: from the prefix cache, or computed
+        (batched by length bucket) and put there; held for this admission even if the cache cannot."""
+        tpc = self.cfg.tokens_per_chunk
+        todo, found = {}, {}
+        for job in jobs:
+            if job.cut == 0 or job.prefix_key in found or job.prefix_key in todo:
+                continue
+            pre = self.prefix_cache.get(job.prefix_key)
+            if pre is None:
+                todo[job.prefix_key] = job
+            else:
+                found[job.prefix_key] = pre
+        self.stats["prefix_reused"] += sum(1 for j in jobs if j.cut) - len(todo)  # from the cache or a sibling
+        embeds = self._embeds(state, list(todo.values()))  # only the audios of prefixes to compute
+        by_bucket = collections.defaultdict(list)
+        for job in todo.values():
+            n = job.cut - len(job.cpa) + tpc * sum(job.cpa)
+            by_bucket[_bucket(n, self.buckets)].append(job)
+        for length, group in by_bucket.items():
+            for start in range(0, len(group), self.prefill_batch):
+                part = group[start:start + self.prefill_batch]
+                b = _bucket(len(part), self.batch_sizes)
+                ids = np.full((b, length), self.pad_token_id, np.int32)
+                slots = np.full((b, length), -1, np.int32)
+                embs, offset, lens = [], 0, []
+                for r, job in enumerate(part):
+                    e_ids, _, s = expand_placeholders(job.ids[:job.cut], job.cpa, tokens_per_chunk=tpc,
+                                                      chunk_offset=offset)
+                    ids[r, :len(e_ids)], slots[r, :len(e_ids)] = e_ids, s
+                    embs += [embeds[k] for k in job.keys]
+                    offset += sum(job.cpa)
+                    lens.append(len(e_ids))
+                c = _bucket(offset, self.chunk_buckets)
+                emb = jnp.concatenate(embs + ([jnp.zeros((c - offset,) + embs[0].shape[1:], embs[0].dtype)]
+                                              if c > offset else []))
+                kv = self._timed("prefill", self._prefix, state, ids, slots, emb)
+                for r, job in enumerate(part):
+                    found[job.prefix_key] = (KVCache(kv.k[:, r], kv.v[:, r]), lens[r])
+                    self.prefix_cache.put(job.prefix_key, found[job.prefix_key])
+                self.stats["prefix_computed"] += len(part)
+        return found
+
+    def _admit(self, state, jobs: list[_Job], sampling: dict) -> list[_Job]:
+        """Prefill ``jobs`` (each already holding a slot) into their slots; returns those finished
+        by their first token."""
+        prefixes = self._prefixes(state, jobs)
+        layers, kvh, hd = self.cfg.qwen3.num_hidden_layers, self.cfg.qwen3.num_key_value_heads, self.cfg.qwen3.head_dim
+        groups = collections.defaultdict(list)
+        for job in jobs:
+            pre = prefixes[job.prefix_key] if job.cut else None
+            p_len = 0 if pre is None else pre[1]
+            p_bucket = 0 if pre is None else pre[0].k.shape[1]
+            groups[(p_bucket, _bucket(len(job.ids) - job.cut, self.suffix_buckets))].append((job, pre, p_len))
+        done = []
+        for (p_bucket, s_bucket), group in groups.items():
+            b = _bucket(len(group), self.batch_sizes)
+            suffix = np.full((b, s_bucket), self.pad_token_id, np.int32)
+            s_len, p_len = np.ones((b,), np.int32), np.zeros((b,), np.int32)
+            slots = np.full((b,), self.batch_size, np.int32)  # out of range: padding rows write nothing
+            seeds = np.zeros((b,), np.uint32)
+            ks, vs = [], []
+            for r, (job, pre, plen) in enumerate(group):
+                sfx = job.ids[job.cut:]
+                suffix[r, :len(sfx)] = sfx
+                s_len[r], p_len[r], slots[r] = len(sfx), plen, job.slot
+                seeds[r] = np.uint32(job.seed & 0xFFFFFFFF)
+                if pre is not None:
+                    ks.append(pre[0].k)
+                    vs.append(pre[0].v)
+            if p_bucket:
+                pad = [jnp.zeros_like(ks[0])] * (b - len(ks))
+                prefix = KVCache(jnp.stack(ks + pad, axis=1), jnp.stack(vs + pad, axis=1))
+            else:
+                z = jnp.zeros((layers, b, 0, kvh, hd), self._cache.k.dtype)
+                prefix = KVCache(z, z)
+            tok, lp, self._cache = self._timed(
+                "prefill", self._prefill, state, self._cache, slots, prefix, p_len, suffix, s_len, seeds,
+                *(np.full((b,), sampling[k], dt) for k, dt in (("temperature", np.float32), ("top_k", np.int32),
+                                                              ("top_p", np.float32))))
+            tok, lp = np.asarray(tok), np.asarray(lp)
+            for r, (job, _, plen) in enumerate(group):
+                job.tokens.append(int(tok[r]))
+                job.logprobs.append(float(lp[r]))
+                self._pos[job.slot] = plen + s_len[r]
+                if int(tok[r]) in sampling["stops"] or job.row_max <= 1:
+                    done.append(job)
+            self.stats["prefilled"] += len(group)
+        return done
+
+    def _new_cache(self):
+        q = self.cfg.qwen3
+        if self._cache is None:
+            shape = (q.num_hidden_layers, self.batch_size, self.max_len, q.num_key_value_heads, q.head_dim)
+            self._cache = KVCache(jnp.zeros(shape, self.model.dtype), jnp.zeros(shape, self.model.dtype))
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def stream(self, requests: Iterable[Request], *, max_new_tokens: int | None = None, temperature: float = 0.0,
+               top_k: int = 0, top_p: float = 1.0,
+               eos_token_id: int | Sequence[int] | None = ...) -> Iterator[tuple[int, GenerationOutput]]:
+        """Generate for every request (greedy when ``temperature == 0``), yielding ``(index,
+        output)`` as each answer completes. A list of requests is validated before anything runs (a
+        bad one raises ValueError; see :meth:`check`); any other iterable is pulled lazily, one
+        request whenever a slot frees, so its producer (e.g. audio decoding threads) runs alongside.
+        ``eos_token_id=None`` disables stopping."""
+        check_sampling(temperature, top_p, top_k)
+        cap = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+        if not 1 <= cap <= self.max_new_tokens:
+            raise ValueError(f"max_new_tokens={cap} must be in [1, {self.max_new_tokens}] (the generator's cache size)")
+        stop_ids = _stop_array(self.eos_token_id if eos_token_id is ... else eos_token_id)
+
+        def make_jobs():
+            for i, r in enumerate(requests):
+                ids, cpa, kinds, arrays, keys = self._prepare(r, i)
+                own = getattr(r, "max_new_tokens", None)
+                row_max = cap if own is None else max(0, min(int(own), cap))
+                self.stats["requests"] += 1
+                yield _Job(i, ids, arrays, kinds, keys, row_max, int(getattr(r, "seed", 0)))
+
+        source = iter(list(make_jobs())) if isinstance(requests, Sequence) else make_jobs()
+        waiting = collections.deque()
+
+        def more() -> bool:
+            if not waiting:
+                job = next(source, None)
+                if job is not None:
+                    waiting.append(job)
+            return bool(waiting)
+
+        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
+                    "stops": {int(x) for x in stop_ids if x >= 0}}
+        state = nnx.state(self.model)
+        self._new_cache()
+        s = self.batch_size
+        slot_job: list[_Job | None] = [None] * s
+        self._pos = np.zeros((s,), np.int32)
+        tokens, remaining, steps, seeds = (np.zeros((s,), np.int32), np.zeros((s,), np.int32),
+                                           np.zeros((s,), np.int32), np.zeros((s,), np.uint32))
+        temp = np.full((s,), temperature, np.float32)
+        topk, topp = np.full((s,), top_k, np.int32), np.full((s,), top_p, np.float32)
+
+        def finish(job, stopped):
+            if job.slot is not None:
+                slot_job[job.slot] = None
+            self.stats["generated_tokens"] += len(job.tokens)
+            return job.index, GenerationOutput(np.asarray(job.tokens, np.int32), np.asarray(job.logprobs, np.float32),
+                                               "stop" if stopped else "length")
+
+        while more() or any(j is not None for j in slot_job):
+            free = [i for i, j in enumerate(slot_job) if j is None]
+            admit = []
+            while free and more():
+                job = waiting.popleft()
+                if job.row_max == 0:
+                    yield finish(job, False)
+                    continue
+                job.slot = free.pop(0)
+                slot_job[job.slot] = job
+                admit.append(job)
+            if admit:
+                for job in self._admit(state, admit, sampling):
+                    yield finish(job, job.tokens[-1] in sampling["stops"])
+                for job in admit:
+                    if slot_job[job.slot] is job:
+                        tokens[job.slot], remaining[job.slot] = job.tokens[-1], job.row_max - 1
+                        steps[job.slot], seeds[job.slot] = 1, np.uint32(job.seed & 0xFFFFFFFF)
+            live = np.array([j is not None for j in slot_job])
+            if not live.any():
+                continue
+            before = self._pos.copy()
+            out = self._timed("decode", self._decode, state, self._cache, tokens, before, live, remaining, steps,
+                              seeds, temp, topk, topp, stop_ids)
+            self._cache = out[0]
+            tokens, pos, new_live, remaining, steps, out_tok, out_lp, stopped, n = map(np.array, jax.device_get(out[1:]))
+            self._pos = pos
+            self.stats["decode_calls"] += 1
+            self.stats["decode_steps"] += int(n)
+            for slot in np.flatnonzero(live):
+                job = slot_job[slot]
+                k = int(pos[slot] - before[slot])  # the tokens this slot generated in this call
+                job.tokens += [int(t) for t in out_tok[slot, :k]]
+                job.logprobs += [float(x) for x in out_lp[slot, :k]]
+                if not new_live[slot]:
+                    yield finish(job, bool(stopped[slot]))
+
+    def generate(self, requests: Sequence[Request], **kw) -> list[GenerationOutput]:
+        """:meth:`stream`, collected in input order."""
+        out: list[GenerationOutput | None] = [None] * len(requests)
+        for i, o in self.stream(requests, **kw):
+            out[i] = o
+        return out
+
+    # -- scoring -------------------------------------------------------------------------------
+
+    def score(self, request: Request, candidates: Sequence[Sequence[int]]) -> list[ScoreOutput]:
+        """Log-likelihood of each candidate continuation after ``request``'s prompt, teacher-forced:
+        one row per candidate (prompt + candidate, ``segment_ids`` marking the real tokens) in one
+        forward pass without cache. For multiple-choice evaluation rank by ``total`` (or ``mean``)."""
+        if not candidates:
+            return []
+        cands = [[int(x) for x in c] for c in candidates]
+        for j, c in enumerate(cands):
+            if not c or min(c) < 0:
+                raise ValueError(f"candidate {j} must be a non-empty list of token ids, got {c}")
+        longest = max(len(c) for c in cands)
+        ids, cpa, kinds, arrays, _ = self._prepare(request, extra_tokens=longest)
+        if len(set(kinds)) > 1:
+            raise ValueError("score: the request mixes waveform and log-mel audios; pass one kind")
+        e_ids, _, slots = expand_placeholders(ids, cpa, tokens_per_chunk=self.cfg.tokens_per_chunk)
+        p = len(e_ids)
+        t = _bucket(p + longest, self.buckets)
+        k = 1 << (longest - 1).bit_length()  # candidate length bucket: the next power of two
+        audio = None
+        if arrays:
+            n = sum(cpa)
+            x = np.concatenate(arrays)
+            audio = np.concatenate([x, np.zeros((_bucket(n, self.chunk_buckets) - n,) + x.shape[1:], np.float32)])
+        state = nnx.state(self.model)
+        out = []
+        b = self.batch_size
+        for start in range(0, len(cands), b):
+            group = cands[start:start + b]
+            input_ids = np.full((b, t), self.pad_token_id, np.int32)
+            audio_slots = np.full((b, t), -1, np.int32)
+            segment_ids = np.zeros((b, t), np.int32)
+            gather_pos, targets = np.zeros((b, k), np.int32), np.zeros((b, k), np.int32)
+            valid = np.zeros((b, k), bool)
+            for r, c in enumerate(group):
+                n = len(c)
+                input_ids[r, :p], input_ids[r, p:p + n] = e_ids, c
+                audio_slots[r, :p] = slots
+                segment_ids[r, :p + n] = 1
+                gather_pos[r, :n] = p - 1 + np.arange(n)
+                targets[r, :n] = c
+                valid[r, :n] = True
+            lp = np.asarray(self._score(state, input_ids, audio_slots, audio, segment_ids, gather_pos, targets, valid))
+            for r, c in enumerate(group):
+                tl = lp[r, :len(c)].copy()
+                out.append(ScoreOutput(float(tl.astype(np.float64).sum()), tl))
+        return out
