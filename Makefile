@@ -6,24 +6,26 @@ PY := $(VENV)/bin/python
 .PHONY: test install clean demo bench
 
 test: $(VENV)/.installed
-	$(PY) -m pytest tests
+	MUFUN_LIBTPU=$(LIBTPU) $(PY) -m pytest tests
 
 install: $(VENV)/.installed
+
+# libtpu (what `jax[tpu]` would add) goes to $(VENV)/libtpu, outside site-packages: the TPU
+# ahead-of-time compile tests find it there (tests/conftest.py), while no other JAX process of this
+# CPU install ever loads a TPU runtime (which prints start-up errors on machines without a TPU).
+LIBTPU = $(VENV)/libtpu
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps --upgrade --target $(LIBTPU) "$$($(PY) -c 'import importlib.metadata as m; print(next(r.split(";")[0].strip() for r in m.requires("jax") if r.startswith("libtpu")))')"
 	touch $@
 
 # The CPU demo: synthetic clips + an offline tokenizer, two training stages, batched answers on
-# held-out clips. Everything goes to runs/demo/; no downloads.
+# held-out clips, a summary and runs/demo/report.png. No downloads.
 demo: $(VENV)/.installed
-	rm -rf runs/demo
-	$(PY) -m mufun_jax.demo prepare runs/demo/data
-	$(PY) train.py --config configs/demo_warmup.yaml
-	$(PY) train.py --config configs/demo.yaml
-	$(PY) -m mufun_jax.demo evaluate runs/demo/full/model runs/demo/data
+	@$(PY) -m mufun_jax.demo run --out runs/demo
 
 # JAX vs the PyTorch reference, side by side on this machine: bench/results.{json,md} (README links
 # them). Run it on a quiet machine: about 25 minutes on 2 CPU cores. Not part of `make test`.

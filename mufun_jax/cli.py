@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 
+from mufun_jax.errors import EXIT_PREEMPTED
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """``argparse`` with one flag style: a ``--snake_case`` spelling of a known ``--kebab-case``
@@ -31,7 +33,8 @@ class ArgumentParser(argparse.ArgumentParser):
         return super().parse_known_args(out, namespace)
 
 
-def _logging() -> None:
+def setup_logging() -> None:
+    """Our INFO lines; warnings only from other libraries (Orbax logs every file at INFO)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mufun_jax").setLevel(logging.INFO)  # ours, without Orbax's per-file INFO lines
     try:
@@ -58,7 +61,7 @@ def train_main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.compile_only != (args.topology is not None):
         ap.error("--compile-only and --topology go together")
-    _logging()
+    setup_logging()
 
     from mufun_jax.train_config import TrainConfig
     from mufun_jax.train_lib import NonFiniteLossError, train
@@ -78,6 +81,8 @@ def train_main(argv=None) -> int:
             return 2
     try:
         result = train(cfg, profile=args.profile)
+        if result.get("preempted"):
+            return EXIT_PREEMPTED
     except NonFiniteLossError as e:
         print(f"train.py: stopped: {e}", file=sys.stderr)
         return 3
@@ -118,15 +123,44 @@ class _BadLine:
         self.id, self.message = id, message
 
 
+
+
+class _GracefulStop:
+    """Within the block, SIGTERM (and a second Ctrl-C) asks the loop to stop after the current
+    result instead of killing the process mid-write; ``requested`` names the signal."""
+
+    def __init__(self):
+        self.requested = None
+
+    def __enter__(self):
+        import signal
+
+        def handler(signum, frame):
+            if self.requested:  # a second signal while stopping: leave now (the file stays valid)
+                raise KeyboardInterrupt
+            self.requested = signal.Signals(signum).name
+
+        self._old = signal.signal(signal.SIGTERM, handler)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        signal.signal(signal.SIGTERM, self._old)
+        return False
+
+
 def infer_main(argv=None) -> int:
-    """Answer (or, with ``--score``, rank candidates for) every request of a JSON / JSONL file."""
+    """Answer (or, with ``--score``, rank candidates for) every request of a JSON / JSONL file,
+    streaming each result to the output as it completes (resumable, see mufun_jax/outputs.py)."""
     import json
-    import os
-    import uuid
     from pathlib import Path
 
+    from mufun_jax.outputs import ResultsFile, parse_shard, shard_path
+
     ap = ArgumentParser(
-        prog="infer.py", description="Batched MuFun inference: one JSONL result per request, in input order. "
+        prog="infer.py", description="Batched MuFun inference: one JSONL result per request, written as it "
+        "completes; run the same command again to resume an interrupted run (done ids are skipped). "
         "Requests are training-schema records ({id, audio, time, conversations}; the first human turn is the "
         "prompt) or {id, prompt, audio, time}, with optional candidates for --score. Exit status: 0 all answered, "
         "1 some requests failed (error records in the output), 2 usage error.",
@@ -135,7 +169,7 @@ def infer_main(argv=None) -> int:
     ap.add_argument("model", nargs="?", help="a converted directory (convert_weights.py import, or train.py's "
                                              "OUTPUT_DIR/model) or a PyTorch MuFun checkpoint directory")
     ap.add_argument("input", nargs="?", help="requests, as a JSON list or JSONL")
-    ap.add_argument("--output", "-o", help="JSONL results (written atomically)")
+    ap.add_argument("--output", "-o", help="JSONL results, one line per request as it completes (resumable)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -149,6 +183,11 @@ def infer_main(argv=None) -> int:
     ap.add_argument("--attention-impl", default="auto", help="attention backend of scoring (auto: by platform)")
     ap.add_argument("--audio-root", default=None, help="directory that relative audio paths are resolved against")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--shard", default=None, metavar="I/N", help="this host's part of the requests: every N-th "
+                    "from the I-th, written to OUTPUT.shard-I-of-N.jsonl (default under jax.distributed: this "
+                    "process's index and the process count)")
+    ap.add_argument("--sort", action="store_true", help="at the end, rewrite the output in input order (results "
+                    "are written as they complete)")
     tpu = ap.add_argument_group("compile only", "AOT-compile the prefill and one decode step for a TPU slice on this "
                                 "host (needs libtpu: pip install -e .[tpu]); MODEL and INPUT are not needed (MODEL, "
                                 "when given and present, supplies the config; else the mufun-8b preset)")
@@ -183,7 +222,7 @@ def infer_main(argv=None) -> int:
         ap.print_usage(sys.stderr)
         print(f"infer.py: error: {'; '.join(bad)}", file=sys.stderr)
         return 2
-    _logging()
+    setup_logging()
     try:
         from absl import logging as absl_logging
 
@@ -192,54 +231,94 @@ def infer_main(argv=None) -> int:
         pass
     try:
         records = _read_requests(args.input)
+        shard = parse_shard(args.shard) if args.shard else None
     except (OSError, ValueError) as e:
         print(f"infer.py: error: cannot read requests: {e}", file=sys.stderr)
+        return 2
+    items = []  # (id, record): every record gets an explicit id (its position when it has none)
+    for i, r in enumerate(records):
+        if isinstance(r, _BadLine):
+            items.append((r.id, r))
+        else:
+            rec = {"prompt": r} if isinstance(r, str) else r
+            rid = rec.get("id", i) if isinstance(rec, dict) else i
+            items.append((rid, dict(rec, id=rid) if isinstance(rec, dict) else rec))
+    seen, dups = set(), []
+    for rid, _ in items:
+        key = json.dumps(rid, sort_keys=True)
+        if key in seen:
+            dups.append(rid)
+        seen.add(key)
+    if dups:
+        print(f"infer.py: error: duplicate request ids {dups[:10]}{' ...' if len(dups) > 10 else ''}: ids must be "
+              "unique (results are matched and resumed by id)", file=sys.stderr)
         return 2
     out = Path(args.output)
     if not out.parent.is_dir():
         print(f"infer.py: error: {out.parent}: no such directory for --output", file=sys.stderr)
         return 2
 
+    from mufun_jax.train_lib import maybe_initialize_distributed
+
+    maybe_initialize_distributed(None)
+    import jax
+
+    if shard is None and jax.process_count() > 1:
+        shard = (jax.process_index(), jax.process_count())
+    mine = [it for p, it in enumerate(items) if shard is None or p % shard[1] == shard[0]]
+    results_file = ResultsFile(shard_path(out, shard))
+    todo = [it for it in mine if it[0] not in results_file]
+    if len(todo) < len(mine):
+        print(f"resuming {results_file.path}: {len(mine) - len(todo)} of {len(mine)} requests already done",
+              file=sys.stderr)
+
     from mufun_jax.api import MuFun, Result
     from mufun_jax.torch_files import CheckpointError
 
-    try:
-        model = MuFun.from_pretrained(args.model, dtype=args.dtype, attention_impl=args.attention_impl,
-                                      batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-    except (CheckpointError, OSError, ValueError) as e:
-        print(f"infer.py: error: cannot load the model: {e}", file=sys.stderr)
-        return 2
-
-    good = [r for r in records if not isinstance(r, _BadLine)]
-    results = model.iter_results(good, score=args.score, max_new_tokens=args.max_new_tokens,
-                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed,
-                                 audio_root=args.audio_root, progress=not args.no_progress)
     failed: dict[str, int] = {}
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    stop = _GracefulStop()
     try:
-        with open(tmp, "w") as f:
-            for r in records:
-                if isinstance(r, _BadLine):
-                    r = Result(r.id, error="malformed_record", message=r.message)
-                else:
-                    r = next(results)
+        if any(not isinstance(r, _BadLine) for _, r in todo):
+            try:
+                model = MuFun.from_pretrained(args.model, dtype=args.dtype, attention_impl=args.attention_impl,
+                                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+            except (CheckpointError, OSError, ValueError) as e:
+                print(f"infer.py: error: cannot load the model: {e}", file=sys.stderr)
+                return 2
+            good = [r for _, r in todo if not isinstance(r, _BadLine)]
+            results = model.iter_results(good, score=args.score, max_new_tokens=args.max_new_tokens,
+                                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                         seed=args.seed, audio_root=args.audio_root, progress=not args.no_progress,
+                                         ordered=False)
+        else:
+            results = iter(())
+        for rid, r in todo:
+            if isinstance(r, _BadLine):
+                results_file.write(Result(rid, error="malformed_record", message=r.message).to_json())
+                failed["malformed_record"] = failed.get("malformed_record", 0) + 1
+        with stop:
+            for r in results:
+                results_file.write(r.to_json())
                 if r.error is not None:
                     failed[r.error] = failed.get(r.error, 0) + 1
-                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
-            for extra in results:  # runs the generator to its end: closes the progress bar and the audio threads
-                raise RuntimeError(f"internal error: a result with no request ({extra.id})")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                if stop.requested:
+                    results.close()  # ends the engine and the audio threads; in-flight requests are dropped
+                    break
+    finally:
+        results_file.close()
+    n_done = sum(1 for rid, _ in mine if rid in results_file)
+    if stop.requested:
+        print(f"infer.py: stopped by {stop.requested}: {n_done} of {len(mine)} requests are in "
+              f"{results_file.path}; run the same command again to finish", file=sys.stderr)
+        return EXIT_PREEMPTED
+    if args.sort:
+        results_file.sort(rid for rid, _ in mine)
     n_failed = sum(failed.values())
-    print(f"{len(records) - n_failed} of {len(records)} requests answered; results in {out}"
+    print(f"{len(todo) - n_failed} of {len(todo)} requests answered in this run ({n_done} of {len(mine)} in all); "
+          f"results in {results_file.path}"
           + (f"; failed: {', '.join(f'{k} {v}' for k, v in sorted(failed.items()))}" if failed else ""),
           file=sys.stderr)
     return 1 if n_failed else 0
-
 
 CONVERT_HELP = """Convert MuFun weights between PyTorch checkpoints and this project's model directory.
 
@@ -295,4 +374,24 @@ def convert_main(argv=None) -> int:
     except (CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"convert_weights.py {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def plot_main(argv=None) -> int:
+    """``mufun-plot RUN_DIR [RUN_DIR ...]``: the loss curves of training runs, as one PNG."""
+    ap = ArgumentParser(prog="mufun-plot", description="Plot the train and eval loss of train.py runs from their "
+                        "metrics.jsonl; several runs (e.g. two stages) follow each other on one step axis.")
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py output_dir(s)")
+    ap.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/loss.png of the last run)")
+    args = ap.parse_args(argv)
+    from pathlib import Path
+
+    from mufun_jax.metrics import plot_runs
+
+    try:
+        out = plot_runs(args.runs, args.out or Path(args.runs[-1]) / "loss.png")
+    except FileNotFoundError as e:
+        print(f"mufun-plot: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
     return 0

@@ -1,21 +1,30 @@
 """The CPU demo behind ``make demo``: synthesise a small music dataset and a tokenizer offline,
-then (after ``train.py`` has run both stages) answer held-out clips in batches and score them.
+train a tiny MuFun in two stages, answer held-out clips in batches, and report.
 
-  python -m mufun_jax.demo prepare DIR            # DIR/{train,eval}.json, DIR/audio/, DIR/tokenizer/
-  python -m mufun_jax.demo evaluate MODEL DIR     # batched greedy answers for DIR/eval.json
+  python -m mufun_jax.demo run [--out runs/demo]     # all of it, with a summary and runs/demo/report.png
+  python -m mufun_jax.demo prepare DIR               # DIR/{train,eval}.json, DIR/audio/, DIR/tokenizer/
+  python -m mufun_jax.demo evaluate MODEL DIR        # batched greedy answers for DIR/eval.json
+
+``run`` is what ``make demo`` calls. Its stages are the commands a user would type
+(``train.py --config configs/demo_warmup.yaml``, then ``configs/demo.yaml``), run in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import shutil
 import sys
+import time
 from pathlib import Path
 
 from mufun_jax.cli import ArgumentParser
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's, next to the package
 
-def prepare(out_dir: str | Path, *, n_train: int = 960, n_eval: int = 48, seed: int = 0) -> dict:
+
+def prepare(out_dir: str | Path, *, n_train: int = 960, n_eval: int = 96, seed: int = 0) -> dict:
     from mufun_jax.data.synth import make_dataset
     from mufun_jax.data.tokenizer import build_tokenizer, corpus_for
 
@@ -27,11 +36,12 @@ def prepare(out_dir: str | Path, *, n_train: int = 960, n_eval: int = 48, seed: 
     return info
 
 
-def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 16, show: int = 8) -> int:
+def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 16, show: int = 6,
+             out: str | Path | None = None) -> dict[str, tuple[int, int]]:
     """Greedy answers for the held-out clips through the batched API (``mufun_jax.MuFun``); prints
-    examples and the exact-match accuracy per task (chance is 1/4, 1/2 and 1/2)."""
-    import collections
-
+    examples, the exact-match accuracy per task (chance: instrument 1/4, register and notes 1/2) and
+    the confusions.
+    Returns ``{task: (right, total)}`` (also written to ``out`` as JSON)."""
     from mufun_jax import MuFun
 
     model = MuFun.from_pretrained(model_dir, batch_size=batch_size, max_new_tokens=16)
@@ -39,37 +49,104 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 1
     answers = model.generate(records, audio_root=data_dir)  # training-schema records: the first question
     right: collections.Counter = collections.Counter()
     total: collections.Counter = collections.Counter()
+    wrong: collections.Counter = collections.Counter()
     print(f"{'task':<11} {'expected':<22} answer")
     for i, (r, answer) in enumerate(zip(records, answers)):
         total[r["task"]] += 1
         right[r["task"]] += answer == r["answer"]
+        if answer != r["answer"]:
+            wrong[(r["task"], r["answer"], answer)] += 1
         if i < show:
             print(f"{r['task']:<11} {r['answer']:<22} {answer}")
+    for (task, want, got), n in sorted(wrong.items()):
+        print(f"  {task}: {n} x {want!r} answered {got!r}")
     for task in sorted(total):
         print(f"accuracy {task:<11} {right[task]:3d}/{total[task]:<3d} = {right[task] / total[task]:.0%}")
     n_right, n = sum(right.values()), sum(total.values())
     print(f"accuracy overall     {n_right:3d}/{n:<3d} = {n_right / n:.0%}  ({n} held-out clips)")
-    return 0
+    acc = {t: (right[t], total[t]) for t in sorted(total)}
+    if out is not None:
+        Path(out).write_text(json.dumps(acc, indent=1))
+    return acc
+
+
+def _stage(config: Path, out: Path, overrides: list[str]) -> dict:
+    """One ``train.py --config CONFIG KEY=VALUE ...`` run, in this process."""
+    from mufun_jax.train_config import TrainConfig
+    from mufun_jax.train_lib import train
+
+    print(f"\n$ python train.py --config {config} {' '.join(overrides)}", flush=True)
+    return train(TrainConfig.load(config, overrides))
+
+
+def run(out: str | Path = "runs/demo", *, configs: str | Path = CONFIGS, n_train: int = 960, n_eval: int = 96,
+        seed: int = 0, warmup_overrides: tuple = (), full_overrides: tuple = ()) -> dict[str, tuple[int, int]]:
+    """The whole demo; prints a summary, writes ``OUT/report.png`` and returns the held-out accuracy
+    per task. The overrides shorten it (the test suite runs a few steps of each stage)."""
+    from mufun_jax.cli import setup_logging
+    from mufun_jax.metrics import plot_runs
+
+    setup_logging()
+    out, configs = Path(out), Path(configs)
+    if out.exists():
+        shutil.rmtree(out)
+    data = out / "data"
+    paths = [f"data.dataset={data / 'train.json'}", f"data.eval_dataset={data / 'eval.json'}",
+             f"data.tokenizer={data / 'tokenizer'}", f"seed={seed}", f"data.seed={seed}"]
+    times, results = {}, {}
+    t0 = time.perf_counter()
+    prepare(data, n_train=n_train, n_eval=n_eval, seed=seed)
+    times["prepare data"] = time.perf_counter() - t0
+    for name, config, extra in (("warmup", "demo_warmup.yaml", list(warmup_overrides)),
+                                ("full", "demo.yaml", [f"init_from={out / 'warmup' / 'model'}",
+                                                       *full_overrides])):
+        t0 = time.perf_counter()
+        results[name] = _stage(configs / config, out / name, [f"output_dir={out / name}", *paths, *extra])
+        times[f"{name} stage"] = time.perf_counter() - t0
+    print(f"\n$ python -m mufun_jax.demo evaluate {out / 'full' / 'model'} {data}", flush=True)
+    t0 = time.perf_counter()
+    acc = evaluate(out / "full" / "model", data, out=out / "accuracy.json")
+    times["evaluate"] = time.perf_counter() - t0
+    report = plot_runs([out / "warmup", out / "full"], out / "report.png", names=["warmup", "full"],
+                       accuracy=acc, title="MuFun CPU demo: loss per stage, held-out accuracy per task")
+    total = sum(times.values())
+    print(f"\n== demo summary: {total / 60:.1f} min on this machine ==")
+    for name, t in times.items():
+        stage = results.get(name.split()[0], {})
+        losses = (f"   final loss {stage['loss']:.3f}, eval loss {stage['eval_loss']:.3f}"
+                  if "eval_loss" in stage else "")
+        print(f"  {name:<14} {t:6.0f} s{losses}")
+    print("  held-out accuracy: " + ", ".join(f"{t} {r}/{n} ({r / n:.0%})" for t, (r, n) in acc.items()))
+    print(f"  report: {report}")
+    return acc
 
 
 def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m mufun_jax.demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="the whole demo (what make demo runs)")
+    r.add_argument("--out", default="runs/demo")
+    r.add_argument("--configs", default=str(CONFIGS), help="folder of demo_warmup.yaml and demo.yaml")
+    r.add_argument("--seed", type=int, default=0, help="data and training seed")
     p = sub.add_parser("prepare", help="synthesise the dataset and build the tokenizer")
     p.add_argument("out_dir")
     p.add_argument("--n-train", type=int, default=960)
-    p.add_argument("--n-eval", type=int, default=48)
+    p.add_argument("--n-eval", type=int, default=96)
     p.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("evaluate", help="answer the held-out clips with a trained model and print the accuracy")
     e.add_argument("model", help="a model directory written by train.py (OUTPUT_DIR/model)")
     e.add_argument("data_dir")
     e.add_argument("--batch-size", type=int, default=16)
     args = ap.parse_args(argv)
+    if args.cmd == "run":
+        run(args.out, configs=args.configs, seed=args.seed)
+        return 0
     if args.cmd == "prepare":
         prepare(args.out_dir, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)
         return 0
-    return evaluate(args.model, args.data_dir, batch_size=args.batch_size)
+    evaluate(args.model, args.data_dir, batch_size=args.batch_size)
+    return 0
 
 
 if __name__ == "__main__":

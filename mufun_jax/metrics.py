@@ -43,3 +43,84 @@ class MetricsWriter:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+# -- reading and plotting -------------------------------------------------------------------------
+
+
+def read_metrics(run_dir) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
+    """(train loss, eval loss) as (step, value) lists from ``RUN_DIR/metrics.jsonl``. A restarted run
+    appends to the file; a step logged twice keeps its last value."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a train.py output_dir?)")
+    train, evals = {}, {}
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            log.warning("%s:%d: not JSON, skipped", path, n)
+            continue
+        if "loss" in row:
+            train[row["step"]] = row["loss"]
+        if "eval_loss" in row:
+            evals[row["step"]] = row["eval_loss"]
+    return sorted(train.items()), sorted(evals.items())
+
+
+def plot_runs(run_dirs, out, *, names=None, accuracy: dict | None = None, title: str | None = None) -> Path:
+    """One PNG: the train loss (and eval loss points) of each run, one after the other on a shared
+    step axis (e.g. the demo's warmup then full stage); with ``accuracy`` ({task: (right, total)})
+    a bar chart beside it. Written atomically; returns the path."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    run_dirs = [Path(d) for d in run_dirs]
+    names = names or [d.name for d in run_dirs]
+    fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(11 if accuracy else 7, 4), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1]} if accuracy else None)
+    ax = axes[0][0]
+    offset = 0
+    for i, (d, name) in enumerate(zip(run_dirs, names)):
+        train, evals = read_metrics(d)
+        color = f"C{i}"
+        if train:
+            ax.plot([offset + s for s, _ in train], [v for _, v in train], color=color, lw=1, label=f"{name}: train")
+        if evals:
+            ax.plot([offset + s for s, _ in evals], [v for _, v in evals], "o--", color=color, ms=4,
+                    label=f"{name}: eval")
+        if i and offset:
+            ax.axvline(offset, color="grey", lw=0.5, ls=":")
+        offset += max([s for s, _ in train] + [s for s, _ in evals] + [0])
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (log scale)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if accuracy:
+        bx = axes[0][1]
+        tasks = sorted(accuracy)
+        acc = [accuracy[t][0] / max(accuracy[t][1], 1) for t in tasks]
+        bars = bx.bar(tasks, [100 * a for a in acc], color="C2")
+        for b, t in zip(bars, tasks):
+            bx.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"{accuracy[t][0]}/{accuracy[t][1]}",
+                    ha="center", fontsize=8)
+        bx.set_ylim(0, 110)
+        bx.set_ylabel("held-out accuracy (%)")
+        bx.axhline(90, color="grey", lw=0.5, ls=":")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

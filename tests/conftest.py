@@ -1,6 +1,13 @@
 import os
+import sys
+from pathlib import Path
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # with libtpu on the path, this keeps the TPU runtime unloaded
+# libtpu lives outside site-packages (see the Makefile), on the path of this test process only, for the
+# TPU ahead-of-time compile tests; subprocesses started by tests do not see it.
+_LIBTPU = os.environ.get("MUFUN_LIBTPU", str(Path(__file__).resolve().parents[1] / ".venv" / "libtpu"))
+if Path(_LIBTPU).is_dir() and _LIBTPU not in sys.path:
+    sys.path.append(_LIBTPU)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

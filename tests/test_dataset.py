@@ -113,3 +113,24 @@ def test_broken_json_list_names_the_file_and_position(tmp_path):
     p.write_text('[{"id": "a"},\n {"id": ]')
     with pytest.raises(ValueError, match=r"data\.json.*line 2"):
         read_records(p)
+
+
+def test_validate_without_a_tokenizer_checks_everything_else(dataset):
+    """No tokenizer: structure, audio files, segments and tag counts are still checked, and the report
+    says the token checks were skipped; with one, --seq-len counts samples that are too long."""
+    path, good, bad = dataset
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "mufun_jax.data", "validate", str(path), "--audio-root",
+                        str(path.parent), "--quiet"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"good samples: {len(good) + 1}" in r.stdout and f"skipped: {sum(bad.values())}" in r.stdout
+    assert "token checks skipped" in r.stdout
+
+
+def test_validate_counts_samples_longer_than_seq_len(dataset, qwen_tok):
+    from mufun_jax.data.dataset import validate
+
+    path, good, bad = dataset
+    n, counter = validate(path, template=get_template("qwen2_instruct"), tokenizer=qwen_tok,
+                          audio_root=path.parent, seq_len=400, progress=False)
+    assert counter["too_long"] == 1 and n == len(good)  # the two-audio sample has 600 audio slots

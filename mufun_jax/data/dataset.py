@@ -100,7 +100,9 @@ def segments(time, n_audios: int) -> list:
 
 
 def prepare(record, *, template: Template, tokenizer, audio_root: str | Path | None = None) -> Sample:
-    """One record -> a :class:`Sample`; raises ``SampleError`` (with a reason) for bad input."""
+    """One record -> a :class:`Sample`; raises ``SampleError`` (with a reason) for bad input. With
+    ``tokenizer=None`` everything but tokenisation is checked (``validate`` without a tokenizer);
+    the sample then has no token ids."""
     if not isinstance(record, dict) or "conversations" not in record:
         raise SampleError("malformed_record", "expected an object with 'conversations'")
     sample_id = record.get("id")
@@ -116,10 +118,12 @@ def prepare(record, *, template: Template, tokenizer, audio_root: str | Path | N
     if n_tags != len(paths):
         raise SampleError("audio_tag_mismatch", f"{n_tags} <audio> tags for {len(paths)} audios")
     segs = segments(record.get("time"), len(paths))
-    try:
-        ids, labels = template.encode(turns, tokenizer)
-    except TemplateError as e:
-        raise SampleError(e.reason, str(e)) from e
+    ids, labels = [], []
+    if tokenizer is not None:
+        try:
+            ids, labels = template.encode(turns, tokenizer)
+        except TemplateError as e:
+            raise SampleError(e.reason, str(e)) from e
     chunks = []
     for p, seg in zip(paths, segs):
         full = Path(p) if audio_root is None or Path(p).is_absolute() else Path(audio_root) / p
@@ -160,24 +164,40 @@ def iter_samples(records: Iterable, *, template: Template, tokenizer, audio_root
             counter.skip(*item)
 
 
-def validate(path: str | Path, *, template: Template, tokenizer, audio_root=None,
-             progress: bool = True) -> tuple[int, SkipCounter]:
-    """Scan a dataset: (number of good samples, skip counts by reason)."""
+def validate(path: str | Path, *, template: Template, tokenizer=None, audio_root=None, seq_len: int | None = None,
+             tokens_per_chunk: int = 300, progress: bool = True) -> tuple[int, SkipCounter]:
+    """Scan a dataset: (number of good samples, skip counts by reason). Structure, audio files,
+    segments and tag counts are always checked; with a ``tokenizer`` also the templates' label
+    masks and, with ``seq_len``, whether each sample fits a row of that many tokens once its audio
+    is expanded (``too_long``)."""
     from tqdm.auto import tqdm
 
     counter = SkipCounter()
     records = read_records(path, counter)
     good = 0
-    for _ in tqdm(iter_samples(records, template=template, tokenizer=tokenizer, audio_root=audio_root,
+    for s in tqdm(iter_samples(records, template=template, tokenizer=tokenizer, audio_root=audio_root,
                                counter=counter), total=len(records), desc="validate", disable=not progress):
+        if tokenizer is not None and seq_len is not None:
+            n = len(s.input_ids) - len(s.chunks) + tokens_per_chunk * sum(s.chunks_per_audio)
+            if n > seq_len:
+                counter.skip(s.id, "too_long", f"{n} tokens with its audio expanded, more than seq_len={seq_len}")
+                continue
         good += 1
     return good, counter
 
 
 def dataset_tokenizer(path: str | Path):
     """``AutoTokenizer`` from a checkpoint or tokenizer directory (never remote code)."""
-    from transformers import AutoTokenizer
+    import json
 
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    from transformers import AutoTokenizer, PretrainedConfig
+
+    kw = {}
+    cfg = Path(path) / "config.json"
+    if cfg.exists() and json.loads(cfg.read_text()).get("model_type") == "tinyllava":
+        # transformers does not know TinyLLaVA's config: without this it warns that the directory's
+        # model type does not match; the tokenizer files name their own class
+        kw["config"] = PretrainedConfig()
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **kw)
 
 
