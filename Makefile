@@ -28,7 +28,7 @@ demo: $(VENV)/.installed
 	@$(PY) -m mufun_jax.demo run --out runs/demo
 
 # JAX vs the PyTorch reference, side by side on this machine: bench/results.{json,md} (README links
-# them). Run it on a quiet machine: about 25 minutes on 2 CPU cores. Not part of `make test`.
+# them). Run it on a quiet machine: about 30 minutes a round (three rounds) on 2 CPU cores. Not part of `make test`.
 bench: $(VENV)/.installed
 	$(PY) bench/compare.py --repeats 3 --out bench
 

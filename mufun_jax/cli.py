@@ -206,7 +206,7 @@ def infer_main(argv=None) -> int:
                                   new_tokens=args.max_new_tokens, model=args.model, num_slices=args.num_slices,
                                   prefill_chunk=args.prefill_chunk)
     if args.input is None or args.output is None:
-        ap.error("MODEL, INPUT and --output are required (except with --compile_only)")
+        ap.error("MODEL, INPUT and --output are required (except with --compile-only)")
     from mufun_jax.config import check_sampling
 
     bad = [f"{name} {why}" for name, cond, why in (

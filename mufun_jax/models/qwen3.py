@@ -89,12 +89,16 @@ class Qwen3Attention(nnx.Module):
             out = attention_lib.dot_product_attention(q, k, v, segment_ids=segment_ids, causal=True,
                                                       implementation=implementation, interpret=interpret)
             return checkpoint_name(self.o_proj(out.reshape(b, t, -1)), "out_proj"), kv
+        # kv: every layer's cache (layers, b, len, kv_heads, d) and this layer's index. The new
+        # entries are scattered into the whole stack, which the layer scan carries: updated in place,
+        # where a per-layer slice returned as a scan output would copy the cache at every step.
+        k_all, v_all, i = kv
         rows = jnp.arange(b)[:, None]
-        kv = (kv[0].at[rows, positions].set(k.astype(kv[0].dtype)),
-              kv[1].at[rows, positions].set(v.astype(kv[1].dtype)))
-        k, v = kv[0].astype(q.dtype), kv[1].astype(q.dtype)
+        k_all = k_all.at[i, rows, positions].set(k.astype(k_all.dtype))
+        v_all = v_all.at[i, rows, positions].set(v.astype(v_all.dtype))
+        k, v = (jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False).astype(q.dtype) for a in (k_all, v_all))
         out = attention_lib.masked_attention(q, k, v, mask).reshape(b, t, self.num_heads * self.head_dim)
-        return checkpoint_name(self.o_proj(out), "out_proj"), kv
+        return checkpoint_name(self.o_proj(out), "out_proj"), (k_all, v_all)
 
 
 class Qwen3MLP(nnx.Module):
@@ -156,13 +160,20 @@ class Qwen3ForCausalLM(nnx.Module):
         # without a cache the attention backend builds its mask from segment_ids (block by block)
         mask = None if cache is None else cache_mask(positions, cache.max_len)
 
-        def body(layer, x, kv):
-            return layer(x, cos, sin, mask, positions, kv, segment_ids, impl)
-
-        xs = None if cache is None else (cache.k, cache.v)
         x = shard_activation(inputs_embeds.astype(self.dtype), ("batch", None, None))
-        x, new_kv = scan_layers(self.layers, body, x, xs, remat_policy=self.remat_policy)
-        return self.norm(x), (None if cache is None else KVCache(*new_kv))
+        if cache is None:
+            body = lambda layer, x, _: layer(x, cos, sin, None, positions, None, segment_ids, impl)
+            x, _ = scan_layers(self.layers, body, x, remat_policy=self.remat_policy)
+            return self.norm(x), None
+
+        def cached(layer, c, _):
+            x, k_all, v_all, i = c
+            x, (k_all, v_all) = layer(x, cos, sin, mask, positions, (k_all, v_all, i), segment_ids, impl)
+            return (x, k_all, v_all, i + 1), None
+
+        (x, k, v, _), _ = scan_layers(self.layers, cached, (x, cache.k, cache.v, jnp.int32(0)),
+                                      remat_policy=self.remat_policy)
+        return self.norm(x), KVCache(k, v)
 
     def __call__(self, input_ids=None, *, inputs_embeds=None, positions=None, segment_ids=None,
                  cache: KVCache | None = None):
