@@ -123,33 +123,6 @@ class _BadLine:
         self.id, self.message = id, message
 
 
-
-
-class _GracefulStop:
-    """Within the block, SIGTERM (and a second Ctrl-C) asks the loop to stop after the current
-    result instead of killing the process mid-write; ``requested`` names the signal."""
-
-    def __init__(self):
-        self.requested = None
-
-    def __enter__(self):
-        import signal
-
-        def handler(signum, frame):
-            if self.requested:  # a second signal while stopping: leave now (the file stays valid)
-                raise KeyboardInterrupt
-            self.requested = signal.Signals(signum).name
-
-        self._old = signal.signal(signal.SIGTERM, handler)
-        return self
-
-    def __exit__(self, *exc):
-        import signal
-
-        signal.signal(signal.SIGTERM, self._old)
-        return False
-
-
 def infer_main(argv=None) -> int:
     """Answer (or, with ``--score``, rank candidates for) every request of a JSON / JSONL file,
     streaming each result to the output as it completes (resumable, see mufun_jax/outputs.py)."""
@@ -273,10 +246,11 @@ def infer_main(argv=None) -> int:
               file=sys.stderr)
 
     from mufun_jax.api import MuFun, Result
+    from mufun_jax.preemption import GracefulStop
     from mufun_jax.torch_files import CheckpointError
 
     failed: dict[str, int] = {}
-    stop = _GracefulStop()
+    stop = GracefulStop()
     try:
         if any(not isinstance(r, _BadLine) for _, r in todo):
             try:

@@ -42,6 +42,7 @@ from mufun_jax import audio as audio_lib
 from mufun_jax import generate as dev
 from mufun_jax.config import ENDOFTEXT_ID, IM_END_ID, IMAGE_TOKEN_INDEX, check_sampling
 from mufun_jax.generate import GenerationOutput, Request, ScoreOutput
+from mufun_jax.lru import LRUCache
 from mufun_jax.models.qwen3 import KVCache
 from mufun_jax.splice import expand_placeholders
 
@@ -69,40 +70,6 @@ def _stop_array(eos_token_id) -> np.ndarray:
                                            else list(eos_token_id))
     n = max(_STOP_PAD, math.ceil(len(ids) / _STOP_PAD) * _STOP_PAD)
     return np.asarray(ids + [-1] * (n - len(ids)), np.int32)
-
-
-def _nbytes(tree) -> int:
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
-
-
-class LRUCache:
-    """Least-recently-used values, bounded by their total bytes; an entry larger than the bound is
-    not kept."""
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes = int(max_bytes)
-        self.bytes = 0
-        self._d: collections.OrderedDict = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._d)
-
-    def get(self, key):
-        if key not in self._d:
-            return None
-        self._d.move_to_end(key)
-        return self._d[key][0]
-
-    def put(self, key, value) -> None:
-        n = _nbytes(value)
-        if key in self._d:
-            self.bytes -= self._d.pop(key)[1]
-        if n > self.max_bytes:
-            return
-        while self._d and self.bytes + n > self.max_bytes:
-            self.bytes -= self._d.popitem(last=False)[1][1]
-        self._d[key] = (value, n)
-        self.bytes += n
 
 
 class _Job:

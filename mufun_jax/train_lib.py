@@ -35,6 +35,7 @@ from mufun_jax.config import IGNORE_INDEX, MuFunConfig, RunSettings
 from mufun_jax.errors import EXIT_PREEMPTED
 from mufun_jax.models import MuFun
 from mufun_jax.models.layers import FrozenParam
+from mufun_jax.preemption import PreemptionWatch
 from mufun_jax.sharding import make_mesh, param_shardings
 from mufun_jax.train_config import MODULES, TrainConfig
 
@@ -49,58 +50,6 @@ class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN or inf; the update of that step was not applied."""
 
 
-
-
-class PreemptionWatch:
-    """A preemption notice (SIGTERM; on a spot TPU the VM gets one about 30 s before it goes) makes
-    every host save at the same next step boundary and stop. Under ``jax.distributed`` JAX's own
-    preemption service catches the signal and picks that step for all hosts
-    (``multihost_utils.reached_preemption_sync_point``); in one process a SIGTERM handler does. A
-    second SIGTERM during the save is logged and ignored: the save completes, and if the process is
-    killed anyway, Orbax's atomic commit leaves the previous checkpoint as the newest."""
-
-    def __init__(self):
-        import signal
-        import threading
-
-        self.signal_at: float | None = None
-        self._old = None
-        self.jax_service = (jax.process_count() > 1 and jax.distributed.is_initialized()
-                            and bool(jax.config.jax_enable_preemption_service))
-        if self.jax_service or threading.current_thread() is not threading.main_thread():
-            return
-
-        def handler(signum, frame):
-            if self.signal_at is None:
-                self.signal_at = time.perf_counter()
-                log.warning("preemption notice (%s): saving a checkpoint after the current step, then exiting",
-                            signal.Signals(signum).name)
-            else:
-                log.warning("another %s while saving: ignored, the save completes", signal.Signals(signum).name)
-
-        self._old = signal.signal(signal.SIGTERM, handler)
-
-    def reached(self, step: int) -> bool:
-        """Whether to save and stop after ``step``; every host must call it at every step."""
-        if self.jax_service:
-            from jax.experimental import multihost_utils
-
-            hit = multihost_utils.reached_preemption_sync_point(step)
-            if hit and self.signal_at is None:
-                self.signal_at = time.perf_counter()
-            return hit
-        if jax.process_count() > 1:  # no preemption service: agree on the flag explicitly
-            from jax.experimental import multihost_utils
-
-            return bool(np.max(multihost_utils.process_allgather(np.int32(self.signal_at is not None))))
-        return self.signal_at is not None
-
-    def close(self) -> None:
-        if self._old is not None:
-            import signal
-
-            signal.signal(signal.SIGTERM, self._old)
-            self._old = None
 
 
 # -- parameter trees -----------------------------------------------------------------------------

@@ -26,26 +26,25 @@ RUNNER = textwrap.dedent(r"""
 
     cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
     mode, at = sys.argv[2], int(sys.argv[3])
+
+    def signal_in_save(sig):
+        # send sig once checkpoint `at` is written, before Orbax commits it
+        from orbax.checkpoint._src.path import atomicity
+        original = atomicity.AtomicRenameTemporaryPath.finalize
+        async def finalize(self, *a, **k):
+            if self._final_path.name == str(at):
+                os.kill(os.getpid(), sig)
+            return await original(self, *a, **k)
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+
     hook = None
     if mode == "kill_after_step":  # a real SIGKILL, in the middle of the run
         hook = lambda step, m: os.kill(os.getpid(), signal.SIGKILL) if step == at else None
     elif mode == "term_twice_in_save":  # the notice, then another SIGTERM while the checkpoint is being written
         hook = lambda step, m: os.kill(os.getpid(), signal.SIGTERM) if step == at else None
-        from orbax.checkpoint._src.path import atomicity
-        original = atomicity.AtomicRenameTemporaryPath.finalize
-        async def finalize(self, *a, **k):
-            if self._final_path.name == str(at):
-                os.kill(os.getpid(), signal.SIGTERM)
-            return await original(self, *a, **k)
-        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+        signal_in_save(signal.SIGTERM)
     elif mode == "kill_in_save":  # SIGKILL once the checkpoint's data is written, before it is committed
-        from orbax.checkpoint._src.path import atomicity
-        original = atomicity.AtomicRenameTemporaryPath.finalize
-        async def finalize(self, *a, **k):
-            if self._final_path.name == str(at):
-                os.kill(os.getpid(), signal.SIGKILL)
-            return await original(self, *a, **k)
-        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+        signal_in_save(signal.SIGKILL)
     result = train_lib.train(cfg, on_step=hook, profile=mode == "profile")
     if result.get("preempted"):
         print("PREEMPTED", result["step"], result["notice_to_commit_s"])
