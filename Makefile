@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install clean demo bench
+.PHONY: test install clean demo demo-lora bench
 
 test: $(VENV)/.installed
 	MUFUN_LIBTPU=$(LIBTPU) $(PY) -m pytest tests
@@ -26,6 +26,11 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 # held-out clips, a summary and runs/demo/report.png. No downloads.
 demo: $(VENV)/.installed
 	@$(PY) -m mufun_jax.demo run --out runs/demo
+
+# Optional, after `make demo`: QLoRA adapters teach the demo model a new instruction
+# (configs/demo_lora.yaml); prints the held-out accuracy before and after.
+demo-lora: $(VENV)/.installed
+	@$(PY) -m mufun_jax.demo lora --out runs/demo
 
 # JAX vs the PyTorch reference, side by side on this machine: bench/results.{json,md} (README links
 # them). Run it on a quiet machine: about 30 minutes a round (three rounds) on 2 CPU cores. Not part of `make test`.

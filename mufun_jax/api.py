@@ -239,7 +239,8 @@ class MuFun:
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: str | None = None, param_dtype: str | None = None,
-                        attention_impl: str = "auto", mesh=None, tokenizer=None, **kw) -> "MuFun":
+                        attention_impl: str = "auto", quantize: str | None = None, adapter=None, mesh=None,
+                        tokenizer=None, **kw) -> "MuFun":
         """Load a model directory (``convert_weights.py import`` or train.py's ``OUTPUT_DIR/model``)
         or a PyTorch MuFun directory (the released combined checkpoint, or the per-component folders;
         converted in memory one tensor at a time, safetensors without torch).
@@ -247,7 +248,11 @@ class MuFun:
         Run settings are chosen here, never read from the checkpoint: ``dtype`` is the compute dtype
         (default: float32 on CPU, bfloat16 on TPU and GPU); parameters are held in ``param_dtype``
         (default: ``dtype``, as the reference loads with ``torch_dtype``); ``attention_impl`` picks
-        the attention backend of the no-cache path (scoring), ``auto`` by platform. ``mesh`` (a
+        the attention backend of the no-cache path (scoring), ``auto`` by platform. ``quantize``
+        (``int8`` or ``nf4``) stores every linear layer's weights and the embedding as codes +
+        scales (weight-only; compute stays in ``dtype``): int8 is about half the bytes of bf16.
+        ``adapter``: a PEFT LoRA adapter directory (``convert_weights.py export-adapter``, or one
+        trained with PEFT on the PyTorch MuFun), merged into the weights at load. ``mesh`` (a
         ``(data, fsdp, tensor)`` mesh from :func:`mufun_jax.sharding.make_mesh`) shards the
         parameters by their logical axes; without it they go to the default device. ``tokenizer``:
         a tokenizer or a directory (default: the checkpoint's own files). Other keywords go to the
@@ -260,8 +265,9 @@ class MuFun:
 
         path = Path(path)
         dtype = _dtype_name(dtype) or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
-        run = RunSettings(dtype=dtype, param_dtype=_dtype_name(param_dtype) or dtype, attention_impl=attention_impl)
-        model = load_model(path, run, mesh=mesh)
+        run = RunSettings(dtype=dtype, param_dtype=_dtype_name(param_dtype) or dtype, attention_impl=attention_impl,
+                          quantize=quantize)
+        model = load_model(path, run, mesh=mesh, adapter=adapter)
         if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
             tok_dir = Path(tokenizer) if tokenizer is not None else path
             if not any((tok_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):

@@ -8,6 +8,10 @@ Layout (written by ``convert_weights.py import`` and by training's export alike)
                              per parameter (no OCDBT, no compression), chunked by layer first
     DIR/<tokenizer files>    when the source had them
 
+A training run's own checkpoints (``OUTPUT_DIR/checkpoints/<step>/``: the trainable state and the
+loader's position, never the frozen weights) are Orbax's standard layout; their reader and writer
+are at the end of this module.
+
 Plain per-parameter arrays let the converter stream one parameter at a time, and let the exporter
 read one layer of a stacked parameter at a time. Writes go to a hidden sibling that is renamed
 into place only when complete, so an interrupted run never leaves something that looks valid.
@@ -335,10 +339,45 @@ def abstract_params(model, mesh=None) -> dict:
                         nnx.to_pure_dict(param_shardings(model, mesh)))
 
 
-def load_model(path, run: RunSettings | None = None, *, mesh=None):
+def _host():
+    """A one-device mesh on the host CPU: where float weights wait to be quantised."""
+    import jax
+
+    from mufun_jax.sharding import make_mesh
+
+    return make_mesh(1, 1, 1, devices=jax.devices("cpu")[:1])
+
+
+def quantize_model(host_model, run: RunSettings, mesh=None):
+    """``host_model`` (float weights, best in host memory) quantised as ``run`` says (leaf by leaf
+    on the host CPU), placed on ``mesh`` (default: the default device)."""
+    import jax
+    from flax import nnx
+
+    from mufun_jax.models.quant import quantize_params
+
+    model = abstract_model(host_model.cfg, run)
+    graphdef, state = nnx.split(model)
+    target = _flat(abstract_params(model, mesh))
+    with jax.default_device(jax.devices("cpu")[0]):
+        quantized = _flat(quantize_params(nnx.to_pure_dict(nnx.state(host_model)), nnx.to_pure_dict(state)))
+    del host_model
+    params = {}
+    for p, leaf in quantized.items():  # one leaf at a time onto the devices
+        node = params
+        for k in p[:-1]:
+            node = node.setdefault(k, {})
+        node[p[-1]] = jax.device_put(leaf, target[p].sharding)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def load_model(path, run: RunSettings | None = None, *, mesh=None, adapter=None):
     """A :class:`mufun_jax.models.MuFun` with the weights of a model directory or of a PyTorch
     MuFun checkpoint (the released combined layout or the per-component folders, converted one
-    tensor at a time). ``run`` sets dtypes, remat and attention backend (default RunSettings()).
+    tensor at a time). ``run`` sets dtypes, remat, attention backend and quantisation (default
+    RunSettings()). ``adapter``: a PEFT LoRA adapter directory merged into the weights (before
+    any quantisation).
     Nothing is randomly initialised: every parameter is read, cast and placed once."""
     import jax
     from flax import nnx
@@ -356,6 +395,14 @@ def load_model(path, run: RunSettings | None = None, *, mesh=None):
         except CheckpointError as e:
             raise CheckpointError(f"{path}: neither a MuFun model directory ({CONFIG_NAME} + {PARAMS_DIR}/) nor a "
                                   f"PyTorch MuFun checkpoint: {e}") from e
+    run = run or RunSettings()
+    if run.quantize or adapter is not None:  # float weights first (in host memory when they are to be quantised)
+        model = load_model(path, run.replace(quantize=None), mesh=_host() if run.quantize else mesh)
+        if adapter is not None:
+            from mufun_jax.peft_format import load_adapter
+
+            load_adapter(model, adapter)
+        return quantize_model(model, run, mesh) if run.quantize else model
     model = abstract_model(cfg, run)
     graphdef, state = nnx.split(model)
     abstract = abstract_params(model, mesh)
@@ -372,3 +419,39 @@ def load_model(path, run: RunSettings | None = None, *, mesh=None):
             del host
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
+
+
+# -- training runs' checkpoints (state + loader position, one per saved step) ------------------------
+
+
+def train_checkpoint_manager(output_dir, keep: int, async_checkpointing: bool = True):
+    """The Orbax manager of a training run's ``OUTPUT_DIR/checkpoints/<step>/``."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_checkpointing,
+                                           cleanup_tmp_directories=True, create=True)
+    return ocp.CheckpointManager(epath(output_dir) / "checkpoints", options=options)
+
+
+def save_train_state(mngr, step: int, state: dict, loader_state: dict) -> None:
+    """The state without its frozen parameters (they never change: see ``Trainer.init_frozen``)."""
+    import orbax.checkpoint as ocp
+
+    saved = {k: v for k, v in state.items() if k != "frozen"}
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved), data=ocp.args.JsonSave(loader_state)),
+              force=True)
+
+
+def restore_train_state(mngr, step: int, abstract_state: dict) -> tuple[dict, dict]:
+    import orbax.checkpoint as ocp
+
+    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                     data=ocp.args.JsonRestore()))
+    return out["state"], out["data"]
+
+
+def epath(p):
+    """A local path made absolute (Orbax requires it), or a ``gs://`` path as it is."""
+    from etils import epath as ep
+
+    return ep.Path(p if "://" in str(p) else Path(p).resolve())

@@ -154,6 +154,11 @@ def infer_main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                     help="compute and parameter dtype (default: float32 on CPU, bfloat16 on TPU/GPU)")
     ap.add_argument("--attention-impl", default="auto", help="attention backend of scoring (auto: by platform)")
+    ap.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none",
+                    help="weight-only quantisation of every linear layer and the embedding (int8: about half the "
+                         "bytes of bf16)")
+    ap.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory (convert_weights.py "
+                                                     "export-adapter), merged into MODEL's weights at load")
     ap.add_argument("--audio-root", default=None, help="directory that relative audio paths are resolved against")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--shard", default=None, metavar="I/N", help="this host's part of the requests: every N-th "
@@ -177,7 +182,8 @@ def infer_main(argv=None) -> int:
 
         return infer_compile_only(args.topology, batch=args.batch_size, context=args.context,
                                   new_tokens=args.max_new_tokens, model=args.model, num_slices=args.num_slices,
-                                  prefill_chunk=args.prefill_chunk)
+                                  prefill_chunk=args.prefill_chunk,
+                                  quantize=None if args.quantize == "none" else args.quantize)
     if args.input is None or args.output is None:
         ap.error("MODEL, INPUT and --output are required (except with --compile-only)")
     from mufun_jax.config import check_sampling
@@ -255,7 +261,8 @@ def infer_main(argv=None) -> int:
         if any(not isinstance(r, _BadLine) for _, r in todo):
             try:
                 model = MuFun.from_pretrained(args.model, dtype=args.dtype, attention_impl=args.attention_impl,
-                                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                                              quantize=None if args.quantize == "none" else args.quantize,
+                                              adapter=args.adapter, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
             except (CheckpointError, OSError, ValueError) as e:
                 print(f"infer.py: error: cannot load the model: {e}", file=sys.stderr)
                 return 2
@@ -300,6 +307,8 @@ CONVERT_HELP = """Convert MuFun weights between PyTorch checkpoints and this pro
   import --whisper W --qwen3 Q --connector blp_4i_2x DST
                                        plain HF Whisper + Qwen3 checkpoints, connector initialised from --seed
   export SRC DST                       back to the combined HF layout (sharded safetensors + index)
+  export-adapter RUN DST [--merge]     a LoRA training run's newest checkpoint as a PEFT adapter (HF module
+                                       names), or with --merge the whole model in the combined HF layout
 """
 
 
@@ -321,7 +330,12 @@ def convert_main(argv=None) -> int:
     exp = sub.add_parser("export", help="model directory -> combined HF layout (safetensors)")
     exp.add_argument("paths", nargs=2, metavar="PATH", help="SRC DST")
     exp.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard (default 5 GB)")
-    for p in (imp, exp):
+    ada = sub.add_parser("export-adapter", help="LoRA training run -> PEFT adapter (or, --merge, merged HF layout)")
+    ada.add_argument("paths", nargs=2, metavar="PATH", help="RUN (train.py's output_dir) DST")
+    ada.add_argument("--merge", action="store_true", help="merge the adapters into the base model (init_from) and "
+                     "write the whole model in the combined HF layout, fully trained modules included")
+    ada.add_argument("--max-shard-gb", type=float, default=5.0, help="largest safetensors shard with --merge")
+    for p in (imp, exp, ada):
         p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"],
                        help="dtype of the written weights (default: keep the source's)")
         p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
@@ -342,9 +356,14 @@ def convert_main(argv=None) -> int:
             import_checkpoint(dst, src, whisper=args.whisper, qwen3=args.qwen3, connector_type=args.connector,
                               taps=args.taps, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
                               progress=not args.no_progress)
-        else:
+        elif args.cmd == "export":
             export_checkpoint(*args.paths, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
                               overwrite=args.overwrite, progress=not args.no_progress)
+        else:
+            from mufun_jax.peft_format import export_adapter
+
+            export_adapter(*args.paths, merge=args.merge, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
+                           overwrite=args.overwrite, progress=not args.no_progress)
     except (CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
         print(f"convert_weights.py {args.cmd}: error: {e}", file=sys.stderr)
         return 2

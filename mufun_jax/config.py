@@ -462,6 +462,52 @@ def check_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0)
         raise ValueError("; ".join(bad))
 
 
+LORA_ALL_LINEAR = "all-linear"
+# Linear layers of each module (lm_head excepted: PEFT's all-linear leaves the output layer out too)
+LORA_LINEAR_NAMES = {
+    "whisper": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "connector": ("linear1", "linear2"),
+    "llm": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+MODULES = ("whisper", "connector", "llm")
+QUANT_MODES = ("int8", "nf4")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """Defaults follow the reference's LoRA training scripts (``lora_r 128``, ``lora_alpha 256``)
+    and its recipe's dropout (0.05); targets: every linear layer of the module (for Qwen3 the
+    seven projections the reference adapts)."""
+
+    rank: int = 128
+    alpha: float = 256.0
+    dropout: float = 0.05
+    targets: tuple[str, ...] = (LORA_ALL_LINEAR,)
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", (self.targets,) if isinstance(self.targets, str) else tuple(self.targets))
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
+            raise ValueError(f"lora.rank={self.rank!r} must be a positive integer")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha={self.alpha!r} must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout={self.dropout!r} must be in [0, 1)")
+        known = {n for names in LORA_LINEAR_NAMES.values() for n in names} | {LORA_ALL_LINEAR}
+        bad = [t for t in self.targets if t not in known]
+        if bad or not self.targets:
+            raise ValueError(f"lora.targets={list(self.targets)}: unknown {bad or 'empty list'}; known: "
+                             f"{LORA_ALL_LINEAR!r} or the layer names {dict(LORA_LINEAR_NAMES)}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def names(self, module: str) -> tuple[str, ...]:
+        """The target layer names of one module (``all-linear`` expanded)."""
+        own = LORA_LINEAR_NAMES[module]
+        return own if LORA_ALL_LINEAR in self.targets else tuple(t for t in own if t in self.targets)
+
+
 @dataclasses.dataclass(frozen=True)
 class RunSettings:
     """How a process runs the model: compute and parameter dtypes, the remat policy and the
@@ -471,8 +517,23 @@ class RunSettings:
     param_dtype: str = "float32"  # storage dtype of the parameters
     remat_policy: str = "none"  # none | full | dots | dots_no_batch | dots_except_mlp | offload
     attention_impl: str = "auto"  # auto | xla | splash | cudnn | splash_interpret (no-cache path only)
+    lora: LoraConfig | None = None  # adapters on the linear layers of ``lora_modules``
+    lora_modules: tuple[str, ...] = ()
+    quantize: str | None = None  # int8 | nf4: weight-only quantisation of ``quantize_modules``' weights
+    quantize_modules: tuple[str, ...] = MODULES
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_modules", tuple(self.lora_modules))
+        object.__setattr__(self, "quantize_modules", tuple(self.quantize_modules))
+        bad = [m for m in self.lora_modules + self.quantize_modules if m not in MODULES]
+        if bad:
+            raise ValueError(f"unknown module(s) {bad}: the modules are {list(MODULES)}")
+        if self.lora_modules and self.lora is None:
+            object.__setattr__(self, "lora", LoraConfig())
+        if self.quantize in ("none", ""):
+            object.__setattr__(self, "quantize", None)
+        if self.quantize is not None and self.quantize not in QUANT_MODES:
+            raise ValueError(f"quantize={self.quantize!r} is not one of {list(QUANT_MODES)} (or none)")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {DTYPES}")

@@ -4,6 +4,7 @@ train a tiny MuFun in two stages, answer held-out clips in batches, and report.
   python -m mufun_jax.demo run [--out runs/demo]     # all of it, with a summary and runs/demo/report.png
   python -m mufun_jax.demo prepare DIR               # DIR/{train,eval}.json, DIR/audio/, DIR/tokenizer/
   python -m mufun_jax.demo evaluate MODEL DIR        # batched greedy answers for DIR/eval.json
+  python -m mufun_jax.demo lora [--out runs/demo]    # after run: QLoRA teaches it a new instruction
 
 ``run`` is what ``make demo`` calls. Its stages are the commands a user would type
 (``train.py --config configs/demo_warmup.yaml``, then ``configs/demo.yaml``), run in one process.
@@ -37,7 +38,7 @@ def prepare(out_dir: str | Path, *, n_train: int = 960, n_eval: int = 96, seed: 
 
 
 def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 16, show: int = 6,
-             out: str | Path | None = None) -> dict[str, tuple[int, int]]:
+             out: str | Path | None = None, eval_file: str = "eval.json") -> dict[str, tuple[int, int]]:
     """Greedy answers for the held-out clips through the batched API (``mufun_jax.MuFun``); prints
     examples, the exact-match accuracy per task (chance: instrument 1/4, register and notes 1/2) and
     the confusions.
@@ -45,7 +46,7 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 1
     from mufun_jax import MuFun
 
     model = MuFun.from_pretrained(model_dir, batch_size=batch_size, max_new_tokens=16)
-    records = json.loads((Path(data_dir) / "eval.json").read_text())
+    records = json.loads((Path(data_dir) / eval_file).read_text())
     answers = model.generate(records, audio_root=data_dir)  # training-schema records: the first question
     right: collections.Counter = collections.Counter()
     total: collections.Counter = collections.Counter()
@@ -121,6 +122,54 @@ def run(out: str | Path = "runs/demo", *, configs: str | Path = CONFIGS, n_train
     return acc
 
 
+ONE_WORD = " Answer in one word."
+
+
+def one_word_split(data_dir: Path, split: str) -> str:
+    """``{split}.json`` with a new instruction the demo model never saw: the same clips and
+    questions plus "Answer in one word.", answered by the class name ("sine", "high", "chord")."""
+    from mufun_jax.data.synth import TASKS
+
+    records = json.loads((data_dir / f"{split}.json").read_text())
+    for r in records:
+        label = next(k for k, v in TASKS[r["task"]][1].items() if v == r["answer"])
+        r["conversations"] = [{"from": "human", "value": r["conversations"][0]["value"] + ONE_WORD},
+                              {"from": "gpt", "value": label}]
+        r["answer"] = label
+    name = f"one_word_{split}.json"
+    (data_dir / name).write_text(json.dumps(records))
+    return name
+
+
+def lora(out: str | Path = "runs/demo", *, configs: str | Path = CONFIGS, overrides: tuple = ()) -> dict:
+    """The optional LoRA stage (configs/demo_lora.yaml) on a finished demo: QLoRA adapters teach the
+    full model a new instruction ("Answer in one word."). Prints the held-out accuracy on it before
+    (the demo model) and after, and returns both."""
+    from mufun_jax.cli import setup_logging
+
+    setup_logging()
+    out, data = Path(out), Path(out) / "data"
+    if not (out / "full" / "model").exists():
+        raise FileNotFoundError(f"{out / 'full' / 'model'} is missing: run the demo first (make demo)")
+    train_file, eval_file = one_word_split(data, "train"), one_word_split(data, "eval")
+    print(f"\n$ python -m mufun_jax.demo evaluate {out / 'full' / 'model'} {data}  # on {eval_file}", flush=True)
+    before = evaluate(out / "full" / "model", data, show=3, eval_file=eval_file)
+    paths = [f"output_dir={out / 'lora'}", f"init_from={out / 'full' / 'model'}",
+             f"data.dataset={data / train_file}", f"data.eval_dataset={data / eval_file}",
+             f"data.tokenizer={data / 'tokenizer'}"]
+    t0 = time.perf_counter()
+    result = _stage(Path(configs) / "demo_lora.yaml", out / "lora", [*paths, *overrides])
+    took = time.perf_counter() - t0
+    print(f"\n$ python -m mufun_jax.demo evaluate {out / 'lora' / 'model'} {data}  # on {eval_file}", flush=True)
+    after = evaluate(out / "lora" / "model", data, show=3, eval_file=eval_file)
+    print(f"\n== LoRA stage: {took / 60:.1f} min, final loss {result['loss']:.3f}, eval loss "
+          f"{result.get('eval_loss', float('nan')):.3f}; held-out accuracy on \"{ONE_WORD.strip()}\" ==")
+    for task in after:
+        (rb, n), (ra, _) = before[task], after[task]
+        print(f"  {task:<11} before {rb}/{n} ({rb / n:.0%})  after {ra}/{n} ({ra / n:.0%})")
+    return {"before": before, "after": after}
+
+
 def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m mufun_jax.demo", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -138,7 +187,14 @@ def main(argv=None) -> int:
     e.add_argument("model", help="a model directory written by train.py (OUTPUT_DIR/model)")
     e.add_argument("data_dir")
     e.add_argument("--batch-size", type=int, default=16)
+    lo = sub.add_parser("lora", help="after run: the optional QLoRA stage (configs/demo_lora.yaml): a new "
+                                     "instruction, accuracy before and after")
+    lo.add_argument("--out", default="runs/demo")
+    lo.add_argument("--configs", default=str(CONFIGS))
     args = ap.parse_args(argv)
+    if args.cmd == "lora":
+        lora(args.out, configs=args.configs)
+        return 0
     if args.cmd == "run":
         run(args.out, configs=args.configs, seed=args.seed)
         return 0

@@ -45,7 +45,7 @@ class SafetensorsFile:
                 header = json.loads(f.read(n))
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{self.path}: cannot read safetensors header: {e}") from e
-        header.pop("__metadata__", None)
+        self.metadata = header.pop("__metadata__", None) or {}  # free-form strings (PEFT adapters: ours)
         self._base = 8 + n
         self._entries = header
         for key, e in header.items():
@@ -197,24 +197,26 @@ def plan_shards(entries: Iterable[tuple[str, tuple[int, ...], np.dtype]], max_sh
 
 
 def write_safetensors_shards(folder: Path, shards: list[list], tensors: Iterator[tuple[str, np.ndarray]],
-                             progress=None) -> dict[str, str]:
+                             progress=None, *, name: str = "model", metadata: dict[str, str] | None = None
+                             ) -> dict[str, str]:
     """Write planned shards, consuming ``tensors`` (in plan order) one at a time, plus
-    ``model.safetensors.index.json`` when there is more than one shard. Returns the weight map."""
+    ``{name}.safetensors.index.json`` when there is more than one shard. Returns the weight map.
+    ``metadata`` (strings) joins ``format: pt`` in each header."""
     n = len(shards)
     n_tensors = sum(len(s) for s in shards)
     weight_map = {}
     total = 0
     for si, shard in enumerate(shards):
-        name = "model.safetensors" if n == 1 else f"model-{si + 1:05d}-of-{n:05d}.safetensors"
+        fname = f"{name}.safetensors" if n == 1 else f"{name}-{si + 1:05d}-of-{n:05d}.safetensors"
         header, offset = {}, 0
         for key, shape, dtype in shard:
             size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             header[key] = {"dtype": ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
-        header["__metadata__"] = {"format": "pt"}
+        header["__metadata__"] = {"format": "pt", **(metadata or {})}
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)
-        with open(folder / name, "wb") as f:
+        with open(folder / fname, "wb") as f:
             f.write(struct.pack("<Q", len(blob)))
             f.write(blob)
             for key, shape, dtype in shard:
@@ -223,7 +225,7 @@ def write_safetensors_shards(folder: Path, shards: list[list], tensors: Iterator
                     raise RuntimeError(f"export order mismatch: expected {key} {shape} {dtype}, got {got_key} "
                                        f"{a.shape} {a.dtype}")
                 f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
-                weight_map[key] = name
+                weight_map[key] = fname
                 if progress is not None:
                     progress.set_postfix_str(f"{len(weight_map)}/{n_tensors} tensors", refresh=False)
                     progress.update(a.nbytes)
@@ -231,6 +233,6 @@ def write_safetensors_shards(folder: Path, shards: list[list], tensors: Iterator
             os.fsync(f.fileno())
         total += offset
     if n > 1:
-        (folder / "model.safetensors.index.json").write_text(json.dumps(
+        (folder / f"{name}.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     return weight_map

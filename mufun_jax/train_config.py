@@ -20,12 +20,11 @@ from typing import Any, Mapping
 
 import yaml
 
-from mufun_jax.config import RUN_KEYS, MuFunConfig, RunSettings, resolve_model
+from mufun_jax.config import MODULES, RUN_KEYS, LoraConfig, MuFunConfig, RunSettings, resolve_model
 
 log = logging.getLogger(__name__)
 
-MODULES = ("whisper", "connector", "llm")
-TRAIN_MODES = ("full", "frozen")
+TRAIN_MODES = ("full", "frozen", "lora")
 
 
 @dataclasses.dataclass
@@ -82,7 +81,9 @@ class TrainConfig:
     param_dtype: str = "float32"  # parameters and optimizer state
     remat_policy: str = "none"
     attention_impl: str = "auto"  # auto: splash on TPU, cudnn on GPU (16-bit), blocked on CPU
-    trainable: dict = dataclasses.field(default_factory=lambda: {m: "full" for m in MODULES})
+    trainable: dict = dataclasses.field(default_factory=lambda: {m: "full" for m in MODULES})  # full|frozen|lora
+    lora: LoraConfig = dataclasses.field(default_factory=LoraConfig)  # for the modules set to lora
+    quantize: str | None = None  # int8 | nf4: the frozen base of the frozen and lora modules (QLoRA)
     max_steps: int = 100
     seed: int = 0
     save_every: int = 1000
@@ -113,11 +114,18 @@ class TrainConfig:
                 raise ValueError(f"{name}={v!r} must be a positive integer")
         if self.optim.schedule not in ("cosine", "constant"):
             raise ValueError(f"optim.schedule={self.optim.schedule!r} must be 'cosine' or 'constant'")
+        if self.quantize not in (None, "none") and all(v == "full" for v in self.trainable.values()):
+            raise ValueError(f"quantize={self.quantize!r} applies to the frozen base of frozen or lora modules, "
+                             f"but every module trains in full: {self.trainable}")
         self.run  # validates the run settings
 
     @property
     def run(self) -> RunSettings:
-        return RunSettings(self.dtype, self.param_dtype, self.remat_policy, self.attention_impl)
+        lora_modules = tuple(m for m in MODULES if self.trainable[m] == "lora")
+        return RunSettings(self.dtype, self.param_dtype, self.remat_policy, self.attention_impl,
+                           lora=self.lora if lora_modules else None, lora_modules=lora_modules,
+                           quantize=self.quantize,
+                           quantize_modules=tuple(m for m in MODULES if self.trainable[m] != "full"))
 
     # -- building ---------------------------------------------------------------------------
 
@@ -131,7 +139,7 @@ class TrainConfig:
             for k, v in moved.items():
                 d.setdefault(k, v)
         d.pop("model_overrides", None)  # written by to_dict; the model section is the source
-        sub = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig}
+        sub = {"data": DataConfig, "optim": OptimConfig, "mesh": MeshConfig, "lora": LoraConfig}
         kw = {}
         for f in dataclasses.fields(cls):
             if f.name in d:

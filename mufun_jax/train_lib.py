@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mufun_jax import checkpoint
@@ -35,6 +36,8 @@ from mufun_jax.config import IGNORE_INDEX, MuFunConfig, RunSettings
 from mufun_jax.errors import EXIT_PREEMPTED
 from mufun_jax.models import MuFun
 from mufun_jax.models.layers import FrozenParam
+from mufun_jax.models.lora import LoraParam, adapter_params, dropout_key, merge_params
+from mufun_jax.models.quant import quantize_params
 from mufun_jax.preemption import PreemptionWatch
 from mufun_jax.sharding import make_mesh, param_shardings
 from mufun_jax.train_config import MODULES, TrainConfig
@@ -55,44 +58,29 @@ class NonFiniteLossError(RuntimeError):
 # -- parameter trees -----------------------------------------------------------------------------
 
 
-def _flatten(tree, prefix=()) -> dict[tuple[str, ...], object]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflatten(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
-
-
 def partition(tree: dict, trainable: set) -> tuple[dict, dict]:
     """Split a nested dict into (trainable leaves, the rest) by path."""
-    flat = _flatten(tree)
-    return (_unflatten({p: v for p, v in flat.items() if p in trainable}),
-            _unflatten({p: v for p, v in flat.items() if p not in trainable}))
+    flat = flatten_dict(tree)
+    return (unflatten_dict({p: v for p, v in flat.items() if p in trainable}),
+            unflatten_dict({p: v for p, v in flat.items() if p not in trainable}))
 
 
 def combine(a: dict, b: dict) -> dict:
-    return _unflatten({**_flatten(a), **_flatten(b)})
+    return unflatten_dict({**flatten_dict(a), **flatten_dict(b)})
 
 
 def trainable_paths(model: nnx.Module, trainable: dict[str, str]) -> set[tuple[str, ...]]:
-    """Paths of the parameters that train: ``nnx.Param`` of modules set to ``full``. Whisper's
-    positional table (a :class:`FrozenParam`, ``requires_grad=False`` in HF) never trains."""
-    roots = {MODULE_ROOT[m] for m in MODULES if trainable[m] == "full"}
+    """Paths of the parameters that train: every ``nnx.Param`` of a module set to ``full``, only
+    the LoRA factors of a module set to ``lora``. Whisper's positional table (a
+    :class:`FrozenParam`, ``requires_grad=False`` in HF) never trains; quantised codes are not
+    parameters at all."""
+    full = {MODULE_ROOT[m] for m in MODULES if trainable[m] == "full"}
+    adapted = {MODULE_ROOT[m] for m in MODULES if trainable[m] == "lora"}
     out = set()
     for path, v in nnx.iter_graph(model):
-        if isinstance(v, nnx.Param) and not isinstance(v, FrozenParam) and str(path[0]) in roots:
+        if not path or isinstance(v, FrozenParam) or not isinstance(v, nnx.Param):
+            continue
+        if str(path[0]) in full or (str(path[0]) in adapted and isinstance(v, LoraParam)):
             out.add(tuple(str(p) for p in path))
     return out
 
@@ -200,21 +188,46 @@ class Trainer:
 
     # state -----------------------------------------------------------------------------------
 
-    def init_state(self, key, params: dict | None = None) -> dict:
-        """A fresh state: ``params`` (a full nested dict, e.g. a converted checkpoint) or a
-        random initialisation computed directly into its shards."""
+    def _params(self, key, params: dict | None, part: int | None = None) -> dict:
+        """The model's parameters in its own structure, computed straight into their shards:
+        ``params`` (a float tree in the plain layout, e.g. a converted checkpoint) cast to the
+        param dtype, quantised where the run says so and given fresh adapters; or (None) a random
+        initialisation. ``part`` 0 / 1 keeps only the trainable / frozen half (XLA drops the rest)."""
         shardings = combine(self.state_shardings["params"], self.state_shardings["frozen"])
+        pick = (lambda t: t) if part is None else (lambda t: partition(t, self.trainable)[part])
+        out_sh = shardings if part is None else pick(shardings)
+        init = lambda k: nnx.to_pure_dict(nnx.state(MuFun(self.model_cfg, self.run, rngs=nnx.Rngs(k))))
         if params is None:
-            init = lambda k: nnx.to_pure_dict(nnx.state(MuFun(self.model_cfg, self.run, rngs=nnx.Rngs(k))))
-            params = jax.jit(init, out_shardings=shardings)(key)
-        else:
-            dt = jnp.dtype(self.run.param_dtype)
-            params = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(dt), p), out_shardings=shardings)(params)
-        train, frozen = partition(params, self.trainable)
+            return jax.jit(lambda k: pick(init(k)), out_shardings=out_sh)(key)
+        dt = jnp.dtype(self.run.param_dtype)
+        plain = self.run.replace(lora=None, lora_modules=())
+        template = nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(self.model_cfg, plain)))
+
+        def build(k, p):
+            p = jax.tree.map(lambda a: a.astype(dt), p)
+            if self.run.quantize:
+                p = quantize_params(p, template)
+            if self.run.lora_modules:  # only the adapters of a random init are kept (XLA drops the rest)
+                p = combine(p, adapter_params(init(k)))
+            return pick(p)
+
+        return jax.jit(build, out_shardings=out_sh)(key, params)
+
+    def init_state(self, key, params: dict | None = None) -> dict:
+        """A fresh state from ``params`` (a full float tree, e.g. a converted checkpoint) or a random
+        initialisation (see :meth:`_params`)."""
+        train, frozen = partition(self._params(key, params), self.trainable)
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(train)
         return {"step": jax.device_put(jnp.zeros((), jnp.int32), self.replicated), "params": train, "frozen": frozen,
                 "opt_state": opt_state, "rng": jax.jit(jax.random.key_data, out_shardings=self.replicated)(key)}  # own buffer:
                 # the state is donated to the step, the caller's key must survive
+
+    def init_frozen(self, key, params: dict | None = None) -> dict:
+        """Only the frozen half of :meth:`init_state`'s parameters: checkpoints do not hold it
+        (it never changes), so a resumed run rebuilds it from ``init_from`` or the seed."""
+        if not self.state_shardings["frozen"]:
+            return {}
+        return self._params(key, params, part=1)
 
     def abstract_state(self) -> dict:
         """Shapes, dtypes and shardings of the state, without allocating it (for restores and AOT)."""
@@ -226,6 +239,15 @@ class Trainer:
         """Full parameter tree (trainable and frozen) as sharded ShapeDtypeStructs."""
         a = self.abstract_state()
         return combine(a["params"], a["frozen"])
+
+    def abstract_checkpoint(self) -> dict:
+        """What a checkpoint holds: the state without its frozen parameters."""
+        return {k: v for k, v in self.abstract_state().items() if k != "frozen"}
+
+    def abstract_init_params(self) -> dict:
+        """The plain float tree that ``init_from`` is read as (no codes, no adapters)."""
+        model = checkpoint.abstract_model(self.model_cfg, self.run.replace(lora=None, lora_modules=(), quantize=None))
+        return checkpoint.abstract_params(model, self.mesh)
 
     # steps -----------------------------------------------------------------------------------
 
@@ -247,13 +269,18 @@ class Trainer:
 
         grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
-        def micro(carry, mb):
-            g_acc, s_acc, n_acc = carry
-            (s, n), g = grad_fn(params, mb)
+        use_dropout = self.run.lora is not None and self.run.lora.dropout > 0
+        step_key = jax.random.wrap_key_data(state["rng"])
+
+        def micro(carry, xs):
+            (g_acc, s_acc, n_acc), (mb, i) = carry, xs
+            with dropout_key(jax.random.fold_in(step_key, i) if use_dropout else None):
+                (s, n), g = grad_fn(params, mb)
             return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, n_acc + n), None
 
         zero = (jax.tree.map(jnp.zeros_like, params), jnp.float32(0), jnp.float32(0))
-        (g, s, n), _ = jax.lax.scan(micro, zero, batch)
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        (g, s, n), _ = jax.lax.scan(micro, zero, (batch, jnp.arange(accum)))
         scale = 1.0 / jnp.maximum(n, 1.0)  # mean over every label token of the global batch
         grads = jax.tree.map(lambda x: x * scale, g)
         loss, grad_norm = s * scale, optax.tree.norm(grads)
@@ -307,45 +334,21 @@ class Trainer:
         return np.where(slots >= 0, lookup[safe // tpc] * tpc + safe % tpc, -1).astype(slots.dtype)
 
 
-# -- checkpoints -----------------------------------------------------------------------------------
+# -- export ----------------------------------------------------------------------------------------
 
 
-def checkpoint_manager(cfg: TrainConfig):
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=cfg.keep, enable_async_checkpointing=cfg.async_checkpointing,
-                                           cleanup_tmp_directories=True, create=True)
-    return ocp.CheckpointManager(_epath(cfg.output_dir) / "checkpoints", options=options)
-
-
-def save_checkpoint(mngr, step: int, state: dict, loader_state: dict) -> None:
-    import orbax.checkpoint as ocp
-
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(loader_state)),
-              force=True)
-
-
-def restore_checkpoint(mngr, step: int, abstract_state: dict) -> tuple[dict, dict]:
-    import orbax.checkpoint as ocp
-
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                     data=ocp.args.JsonRestore()))
-    return out["state"], out["data"]
-
-
-def _epath(p):
-    """A local path made absolute (Orbax requires it), or a ``gs://`` path as it is."""
-    from etils import epath
-
-    return epath.Path(p if "://" in str(p) else Path(p).resolve())
-
-
-def export_model(state: dict, model_cfg: MuFunConfig, tokenizer, dst) -> None:
+def export_model(state: dict, model_cfg: MuFunConfig, tokenizer, dst, run: RunSettings | None = None) -> None:
     """Write the trained parameters as a model directory (:mod:`mufun_jax.checkpoint`: the same
     layout the converter writes), which ``init_from``, inference and ``convert_weights.py export``
     read. Run settings are not saved with it."""
-    checkpoint.save_model(dst, model_cfg, combine(state["params"], state["frozen"]), tokenizer=tokenizer,
-                          overwrite=True)
+    params = combine(state["params"], state["frozen"])
+    if run is not None and (run.lora_modules or run.quantize):  # the plain layout: adapters merged, codes dequantised
+        if run.quantize:
+            log.info("exporting with the adapters merged into the dequantised %s base", run.quantize)
+        dt = jnp.dtype(run.param_dtype)
+        params = jax.jit(lambda p: jax.tree.map(lambda a: a.astype(dt), merge_params(p, run.lora.scaling if run.lora
+                                                                                      else 1.0)))(params)
+    checkpoint.save_model(dst, model_cfg, params, tokenizer=tokenizer, overwrite=True)
 
 
 # -- data ------------------------------------------------------------------------------------------
@@ -409,7 +412,7 @@ def evaluate(trainer: Trainer, state: dict, cfg: TrainConfig, tokenizer) -> dict
 
 def load_init_params(trainer: Trainer, path) -> dict:
     """``init_from``'s parameters, read straight into the trainer's shardings and param dtype."""
-    return checkpoint.load_params(path, trainer.abstract_params())
+    return checkpoint.load_params(path, trainer.abstract_init_params())
 
 
 def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, dict], None] | None = None) -> dict:
@@ -431,23 +434,28 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{model_cfg.qwen3.vocab_size}; use a matching tokenizer or set model.qwen3.vocab_size")
     main = jax.process_index() == 0
-    out = _epath(cfg.output_dir)
+    out = checkpoint.epath(cfg.output_dir)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     trainer = Trainer(cfg, model_cfg, mesh)
     loader = make_loader(cfg, model_cfg, tokenizer, mesh)
-    mngr = checkpoint_manager(cfg)
+    mngr = checkpoint.train_checkpoint_manager(cfg.output_dir, cfg.keep, cfg.async_checkpointing)
     start = mngr.latest_step()
+    key = jax.random.key(cfg.seed)
     if start is not None:
-        state, loader_state = restore_checkpoint(mngr, start, trainer.abstract_state())
+        state, loader_state = checkpoint.restore_train_state(mngr, start, trainer.abstract_checkpoint())
+        has_frozen = bool(trainer.state_shardings["frozen"])
+        params = load_init_params(trainer, cfg.init_from) if cfg.init_from and has_frozen else None
+        state["frozen"] = trainer.init_frozen(key, params)
+        del params
         loader.set_state(loader_state)
         log.info("resumed from %s at step %d", out / "checkpoints" / str(start), start)
     else:
         start = 0
-        key = jax.random.key(cfg.seed)
         params = load_init_params(trainer, cfg.init_from) if cfg.init_from else None
         state = trainer.init_state(key, params)
+        del params
     n_train = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(state["params"]))
     n_frozen = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(state["frozen"]))
     log.info("mesh %s; %s trainable and %s frozen parameters (%s)", dict(mesh.shape), f"{n_train:,}",
@@ -499,7 +507,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
                                 refresh=False)
             bar.update(1)
             if step % cfg.save_every == 0 or step == cfg.max_steps:
-                save_checkpoint(mngr, step, state, loader.get_state())
+                checkpoint.save_train_state(mngr, step, state, loader.get_state())
             if cfg.data.eval_dataset and cfg.eval_every and step % cfg.eval_every == 0:
                 last_eval = (step, evaluate(trainer, state, cfg, tokenizer))
                 writer.write(step, last_eval[1])
@@ -507,7 +515,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
                 on_step(step, m)
             if watch.reached(step):
                 if mngr.latest_step() != step:
-                    save_checkpoint(mngr, step, state, loader.get_state())
+                    checkpoint.save_train_state(mngr, step, state, loader.get_state())
                 mngr.wait_until_finished()
                 took = time.perf_counter() - watch.signal_at
                 log.warning("preempted: the checkpoint of step %d is committed (%.1f s after the notice); exiting "
@@ -515,7 +523,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
                 return {"step": step, **metrics, "preempted": True, "notice_to_commit_s": took,
                         "skipped": dict(loader.counter)}
         if mngr.latest_step() != step:
-            save_checkpoint(mngr, step, state, loader.get_state())
+            checkpoint.save_train_state(mngr, step, state, loader.get_state())
         mngr.wait_until_finished()
         if cfg.data.eval_dataset:
             if last_eval is None or last_eval[0] != step:
@@ -523,7 +531,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
                 writer.write(step, last_eval[1])
             metrics = {**metrics, **last_eval[1]}
             log.info("eval loss at step %d: %.4f", step, last_eval[1]["eval_loss"])
-        export_model(state, model_cfg, tokenizer, out / "model")
+        export_model(state, model_cfg, tokenizer, out / "model", trainer.run)
         if loader.counter:
             log.warning("skipped samples:\n%s", loader.counter.report())
     finally:

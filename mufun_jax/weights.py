@@ -29,7 +29,7 @@ from mufun_jax.torch_files import CheckpointError, open_folder, plan_shards, wri
 log = logging.getLogger(__name__)
 
 
-def _np_dtype(name: str):
+def np_dtype(name: str):
     import ml_dtypes
 
     if name == "keep":
@@ -160,7 +160,7 @@ def _check_keys(comp: str, source: ComponentSource, cfg: MuFunConfig, where: str
 
 
 @contextlib.contextmanager
-def _atomic_dir(dst: Path, overwrite: bool):
+def atomic_dir(dst: Path, overwrite: bool):
     """Yield a fresh temporary sibling of ``dst``; rename it to ``dst`` only on success."""
     dst = dst.resolve()
     if dst.exists() and not overwrite:
@@ -233,7 +233,7 @@ def import_checkpoint(dst: str | Path, src: str | Path | None = None, *, whisper
                       overwrite: bool = False, progress: bool = True) -> MuFunConfig:
     """Convert a PyTorch MuFun checkpoint (combined or per-component folders), or plain HF
     Whisper + Qwen3 checkpoints plus a freshly initialised connector, into a model directory."""
-    target = _np_dtype(dtype)
+    target = np_dtype(dtype)
     fill = {}
     if src is not None:
         if whisper or qwen3:
@@ -317,7 +317,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "keep", 
     src = Path(src)
     cfg = checkpoint.load_config(src)
     meta = checkpoint.param_metadata(src)
-    target = _np_dtype(dtype)
+    target = np_dtype(dtype)
     entries = []
     for comp in COMPONENTS:
         for rule in rules(cfg, comp):
@@ -340,7 +340,7 @@ def export_checkpoint(src: str | Path, dst: str | Path, *, dtype: str = "keep", 
                     yield COMBINED_PREFIX[comp] + key, (t if target is None else t.astype(target))
 
     total = sum(int(np.prod(s)) * np.dtype(d).itemsize for _, s, d in entries)
-    with _atomic_dir(Path(dst), overwrite) as tmp, _progress(total, "export", progress) as bar:
+    with atomic_dir(Path(dst), overwrite) as tmp, _progress(total, "export", progress) as bar:
         write_safetensors_shards(tmp, shards, tensors(), bar)
         (tmp / "config.json").write_text(json.dumps(cfg.to_tinyllava(), indent=2))
         for name in checkpoint.TOKENIZER_FILES:

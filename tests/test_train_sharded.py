@@ -1,6 +1,6 @@
 """The sharded train step equals the single-device step, on 8 simulated CPU devices (fsdp=8;
-data=2 x fsdp=4; fsdp=4 x tensor=2), with gradient accumulation and a frozen module; and with
-the Pallas splash kernel (interpret mode) running per shard inside the real train step."""
+data=2 x fsdp=4; fsdp=4 x tensor=2), with gradient accumulation and a frozen module; with the
+Pallas splash kernel (interpret mode) running per shard inside the real train step; and QLoRA."""
 
 import os
 import subprocess
@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent(r"""
     steps = [batches[0:2], batches[2:4]]
     assert all(len(b["sample_ids"]) == 8 for s in steps for b in s)
 
-    def run(mesh, init):
+    def run(mesh, init, tcfg=tcfg):
         tr = Trainer(tcfg, cfg, mesh)
         state = jax.device_put(init, tr.state_shardings)
         losses = []
@@ -75,6 +75,24 @@ SCRIPT = textwrap.dedent(r"""
     err = abs(float(m["loss"]) - want_losses[0]) / abs(want_losses[0])
     print(f"splash_interpret on fsdp=4 x tensor=2: loss rel err {err:.1e}")
     assert err < 1e-5, (float(m["loss"]), want_losses[0])
+    # QLoRA (LoRA on an int8 base, dropout on) on fsdp=4 x tensor=2 equals the single-device run
+    qcfg = TrainConfig.from_dict({**tcfg.to_dict(), "model": {}, "trainable": {"whisper": "frozen", "connector": "full",
+                                                                              "llm": "lora"},
+                                  "lora": dict(rank=4, alpha=8, dropout=0.1), "quantize": "int8"})
+    one = Trainer(qcfg, cfg, make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    init = jax.device_get(one.init_state(jax.random.key(0)))
+    want_losses, want = run(one.mesh, init, qcfg)
+    losses, state = run(make_mesh(1, 4, 2), init, qcfg)
+    b = state["params"]["language_model"]["layers"]["mlp"]["gate_proj"]["lora_b"]
+    assert b.sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor"), b.sharding.spec
+    codes = state["frozen"]["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"]
+    assert codes.dtype == np.int8 and codes.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    loss_err = max(abs(a - b) / abs(b) for a, b in zip(losses, want_losses))
+    got, want = jax.device_get(state), jax.device_get(want)
+    p_err = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(got["params"]),
+                                                             jax.tree.leaves(want["params"])))
+    print(f"QLoRA on fsdp=4 x tensor=2: loss rel err {loss_err:.1e}, max param diff {p_err:.1e}")
+    assert loss_err < 1e-5 and p_err < 1e-6, (losses, want_losses, p_err)
     print("SHARDED_TRAIN_OK")
 """)
 

@@ -214,7 +214,7 @@ def _kernel_attention_flops(model_cfg, trainable, remat_policy: str, chunks: int
 def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tokens: int = 512,
                   chunks_per_row: int | None = None, mesh_shape: Sequence[int] = (1, 1, -1), num_slices: int = 1,
                   model_cfg=None, prefill_chunk: int | None = None, prefill_batch: int = 4,
-                  suffix_len: int = 64, decode_steps: int = 16) -> list[AotResult]:
+                  suffix_len: int = 64, decode_steps: int = 16, quantize: str | None = None) -> list[AotResult]:
     """AOT-compile the continuous-batching engine's three programs (:mod:`mufun_jax.engine`) for
     ``batch`` decode slots over a KV cache of ``context + new_tokens`` positions, bf16 weights and
     cache, on a (data, fsdp, tensor) mesh (default: tensor parallel over every chip of a slice):
@@ -223,7 +223,9 @@ def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tok
       ``chunks_per_row`` 30 s audio chunks each (default half the context), audio encoded inside;
     - ``prefill``: ``prefill_batch`` such prefixes placed into slots, ``suffix_len`` question tokens
       prefilled on top, the first token chosen (the big cache donated);
-    - ``decode``: every slot advanced up to ``decode_steps`` tokens (the big cache donated)."""
+    - ``decode``: every slot advanced up to ``decode_steps`` tokens (the big cache donated).
+
+    ``quantize`` (int8 | nf4) compiles the weight-only quantised model instead of bf16 weights."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -244,7 +246,7 @@ def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tok
         raise ValueError(f"{chunks_per_row} chunks x {tpc} tokens do not fit a context of {context}")
     p = prefill_batch
     max_len = context + new_tokens
-    abstract = abstract_model(model_cfg, RunSettings(dtype="bfloat16", param_dtype="bfloat16"))
+    abstract = abstract_model(model_cfg, RunSettings(dtype="bfloat16", param_dtype="bfloat16", quantize=quantize))
     graphdef = nnx.graphdef(abstract)
     merge = lambda st: nnx.merge(graphdef, st)
     with _quiet_logging():
@@ -381,7 +383,7 @@ def train_compile_only(cfg, topology: str, num_slices: int = 1, attention_impl: 
 
 def infer_compile_only(topology: str, *, batch: int, context: int = 4096, new_tokens: int = 512,
                        model: str | None = None, num_slices: int = 1, mesh_shape: Sequence[int] = (1, 1, -1),
-                       prefill_chunk: int | None = None) -> int:
+                       prefill_chunk: int | None = None, quantize: str | None = None) -> int:
     """``infer.py --compile-only --topology NAME``: compile the prefill and a decode step of the
     model in ``model`` (a converted directory; the mufun-8b preset when it is None or not on this
     machine), print the table; 0 if both fit, 1 if not."""
@@ -397,7 +399,8 @@ def infer_compile_only(topology: str, *, batch: int, context: int = 4096, new_to
         elif model is not None:
             print(f"{model} is not on this machine: compiling the mufun-8b preset", file=sys.stderr)
         results = compile_infer(topology, batch=batch, context=context, new_tokens=new_tokens, mesh_shape=mesh_shape,
-                                num_slices=num_slices, model_cfg=model_cfg, prefill_chunk=prefill_chunk)
+                                num_slices=num_slices, model_cfg=model_cfg, prefill_chunk=prefill_chunk,
+                                quantize=quantize)
     except (ValueError, FileNotFoundError, RuntimeError, CheckpointError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2

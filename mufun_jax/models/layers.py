@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from mufun_jax.models import lora, quant
+
 Axes = tuple[str, ...]
 
 default_kernel_init = nnx.initializers.normal(0.02)
@@ -71,18 +73,30 @@ def gelu(x):
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel + bias`` with kernel stored (in, out) and matmul in ``dtype``."""
+    """``y = x @ kernel + bias`` with kernel stored (in, out) and matmul in ``dtype``.
+
+    The one place where adapters and quantisation enter the model: a quantised kernel has a
+    ``kernel_scale`` beside its codes (:mod:`mufun_jax.models.quant`), an adapted one has
+    ``lora_a`` / ``lora_b`` (:mod:`mufun_jax.models.lora`); both are added to a built model."""
 
     def __init__(self, in_features: int, out_features: int, *, axes: Axes, use_bias: bool = True,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, kernel_init=default_kernel_init):
         self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
         self.bias = param(rngs, nnx.initializers.zeros, (out_features,), axes[-1:], param_dtype) if use_bias else None
         self.dtype = dtype
+        self.kernel_scale = nnx.data(None)  # set by quantisation / adapters (data, not static, attributes)
+        self.lora_a, self.lora_b = nnx.data(None), nnx.data(None)
+        self.lora_scaling, self.lora_dropout, self.lora_id = 0.0, 0.0, 0
 
     def __call__(self, x):
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.kernel_scale is None:
+            y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        else:
+            y = quant.linear(x, self.kernel[...], self.kernel_scale[...], self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None:
+            y = y + lora.delta(self, x, self.dtype)
         return y
 
 
@@ -127,10 +141,17 @@ class Embed(nnx.Module):
                  rngs: nnx.Rngs):
         self.embedding = param(rngs, default_kernel_init, (num_embeddings, features), ("vocab", "embed"),
                                param_dtype)
+        self.embedding_scale = nnx.data(None)  # one scale per row when quantised to int8
         self.dtype = dtype
 
     def __call__(self, ids):
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        rows = jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        if self.embedding_scale is not None:
+            rows = rows * jnp.take(self.embedding_scale[...], ids, axis=0).astype(self.dtype)[..., None]
+        return rows
 
     def attend(self, x):
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        out = jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        if self.embedding_scale is not None:
+            out = out * self.embedding_scale[...].astype(self.dtype)
+        return out

@@ -21,6 +21,7 @@ from flax import nnx
 
 from mufun_jax import audio as audio_lib
 from mufun_jax.config import MuFunConfig, RunSettings
+from mufun_jax.models import lora, quant
 from mufun_jax.models.connector import Connector
 from mufun_jax.models.layers import shard_activation
 from mufun_jax.models.qwen3 import KVCache, Qwen3ForCausalLM
@@ -36,6 +37,12 @@ class MuFun(nnx.Module):
         self.encoder = WhisperEncoder(cfg.whisper, taps=cfg.taps, rngs=rngs, **kw, **deep)
         self.connector = Connector(cfg.connector, rngs=rngs, **kw)
         self.language_model = Qwen3ForCausalLM(cfg.qwen3, rngs=rngs, **kw, **deep)
+        parts = {"whisper": self.encoder, "connector": self.connector, "llm": self.language_model}
+        for name in run.lora_modules:
+            lora.apply_lora(parts[name], run.lora, name, rngs)
+        if run.quantize:
+            for name in run.quantize_modules:
+                quant.quantize_module(parts[name], run.quantize)
 
     @property
     def dtype(self):

@@ -15,6 +15,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from mufun_jax import config
+from mufun_jax.models import lora
 
 # Names tagged with ``jax.ad_checkpoint.checkpoint_name`` in the models, for the named policies.
 ATTENTION_PROJ_NAMES = ("query_proj", "key_proj", "value_proj", "out_proj")
@@ -69,9 +70,16 @@ def scan_layers(layers: nnx.Module, body: Callable, carry, xs=None, *, stop: int
         if xs is not None:
             xs = jax.tree.map(lambda a: a[:stop], xs)
 
+    key = lora.current_key()
+    if key is not None:  # LoRA dropout: every layer draws its own masks
+        xs = (xs, jax.random.split(jax.random.fold_in(key, stop), stop))
+
     def layer_fn(layer_state, c, x):
         c = jax.tree.map(lambda a: checkpoint_name(a, LAYER_INPUT), c)  # a no-op unless a policy names it
-        return body(nnx.merge(graphdef, layer_state), c, x)
+        if key is None:
+            return body(nnx.merge(graphdef, layer_state), c, x)
+        with lora.dropout_key(x[1]):
+            return body(nnx.merge(graphdef, layer_state), c, x[0])
 
     policy = REMAT_POLICIES[remat_policy]
     if policy is not None:
