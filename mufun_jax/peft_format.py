@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from mufun_jax.config import MuFunConfig
 from mufun_jax.convert import COMBINED_PREFIX, COMPONENTS, FLAX_ROOT, rules
@@ -32,21 +33,6 @@ PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the base model's modul
 META_CONFIG = "mufun_config"
 ARCH_KEYS = ("whisper", "qwen3", "connector_type", "taps", "pool_stride")  # what the weights depend on
 UNSUPPORTED = {"use_dora": False, "fan_in_fan_out": False, "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {}}
-
-
-def _flat(tree, prefix=()) -> dict:
-    return {p: v for k, sub in tree.items()
-            for p, v in (_flat(sub, prefix + (k,)) if isinstance(sub, dict) else {prefix + (k,): sub}).items()}
-
-
-def _nest(flat: dict) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
 
 
 def _by_path(cfg: MuFunConfig) -> dict:
@@ -62,7 +48,7 @@ def adapter_tensors(params: dict, cfg: MuFunConfig) -> tuple[dict[str, np.ndarra
     dict, adapted module names with ``{i}`` for the layer, ``modules_to_save`` module names)."""
     index = _by_path(cfg)
     out, targets, full = {}, set(), set()
-    for path, a in _flat(params).items():
+    for path, a in flatten_dict(params).items():
         lora = path[-1] in ("lora_a", "lora_b")
         owner = path[:-1] + ("kernel",) if lora else path
         if owner not in index:
@@ -225,7 +211,7 @@ def check_base(base: dict | None, cfg: MuFunConfig, where) -> None:
     if base is None:
         log.info("%s records no MuFun base config (not exported by us); only tensor shapes are checked", where)
         return
-    want, have = (_flat({k: c.to_dict()[k] for k in ARCH_KEYS}) for c in (MuFunConfig.from_dict(base), cfg))
+    want, have = (flatten_dict({k: c.to_dict()[k] for k in ARCH_KEYS}) for c in (MuFunConfig.from_dict(base), cfg))
     diffs = [f"{'.'.join(k)}: adapter {want.get(k)!r}, model {have.get(k)!r}"
              for k in sorted(set(want) | set(have)) if want.get(k) != have.get(k)]
     if diffs:
@@ -258,7 +244,7 @@ def merge_adapter(params: dict, cfg: MuFunConfig, adapter_dir) -> dict:
     if unknown:
         raise ValueError(f"{adapter_dir}: {len(unknown)} tensors match no parameter of this MuFun model, e.g. "
                          f"{sorted(unknown)[:5]}: is it an adapter of another model?")
-    flat = _flat(params)
+    flat = flatten_dict(params)
     for path, parts in full.items():
         w = np.array(flat[path])
         for rule, i, key, t in parts:
@@ -283,7 +269,7 @@ def merge_adapter(params: dict, cfg: MuFunConfig, adapter_dir) -> dict:
             ab[side][() if i is None else i] = t.T
         delta = jnp.matmul(jnp.asarray(ab["A"]), jnp.asarray(ab["B"])) * scaling
         flat[path] = (w.astype(jnp.float32) + delta).astype(w.dtype)
-    return _nest(flat)
+    return unflatten_dict(flat)
 
 
 def load_adapter(model, adapter_dir):

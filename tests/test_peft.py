@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from conftest import FP32_TOL, rel_err
 from helpers import random_mel, small_cfg
@@ -32,23 +33,6 @@ from torch_reference import TorchMuFun
 
 TRAINABLE = {"whisper": "frozen", "connector": "full", "llm": "lora"}
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.05}
-
-
-def _nest(flat):
-    out = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
-
-
-def _flat(tree, prefix=()):
-    out = {}
-    for k, v in tree.items():
-        out.update(_flat(v, prefix + (k,)) if isinstance(v, dict) else {prefix + (k,): v})
-    return out
 
 
 def forward(model, batch, mel):
@@ -67,14 +51,14 @@ def setup(tmp_path_factory, torch_threads):
     cfg = small_cfg()
     ref = TorchMuFun(cfg, seed=7)
     base = torch_to_flax(ref.combined_state_dict(), cfg)
-    checkpoint.save_model(d / "base", cfg, _nest(base))
+    checkpoint.save_model(d / "base", cfg, unflatten_dict(base))
     tcfg = TrainConfig.from_dict(dict(output_dir=str(d / "run"), init_from=str(d / "base"), trainable=TRAINABLE,
                                       lora=LORA, progress=False))
     # Our adapted model, built from shapes (an eager random init of the model takes ~15 s): the base weights,
     # random adapters (lora_b not zero) and a "trained" connector away from the base's.
     rng = np.random.default_rng(0)
     params = {}
-    for path, v in _flat(nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(cfg, tcfg.run)))).items():
+    for path, v in flatten_dict(nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(cfg, tcfg.run)))).items():
         if path[-1] in ("lora_a", "lora_b"):
             scale = 1 / np.sqrt(v.shape[-2]) if path[-1] == "lora_a" else 0.2
             params[path] = scale * rng.standard_normal(v.shape).astype(np.float32)
@@ -82,7 +66,7 @@ def setup(tmp_path_factory, torch_threads):
             params[path] = base[path] + 0.5 * np.std(base[path]) * rng.standard_normal(v.shape).astype(np.float32)
         else:
             params[path] = base[path]
-    params = _nest(params)
+    params = unflatten_dict(params)
     model = build(cfg, tcfg.run, params)
     trainable, _ = train_lib.partition(params, train_lib.trainable_paths(model, tcfg.trainable))
     trainable = jax.tree.map(jnp.asarray, trainable)
@@ -139,7 +123,7 @@ def test_peft_loads_the_adapter_onto_the_torch_reference(setup):
     assert err <= FP32_TOL
     assert rel_err(base_logits[mask], want[mask]) > 100 * FP32_TOL  # the adapter changes the function
     # the connector's full training matters too: ours with the base connector is far from PEFT's
-    other = build(cfg, tcfg.run, dict(params, connector=_nest({k: v for k, v in base.items()
+    other = build(cfg, tcfg.run, dict(params, connector=unflatten_dict({k: v for k, v in base.items()
                                                               if k[0] == "connector"})["connector"]))
     assert rel_err(forward(other, batch, mel)[mask], want[mask]) > 100 * FP32_TOL
 

@@ -24,7 +24,7 @@ from mufun_jax.models import MuFun
 from mufun_jax.models.lora import merge_params
 from mufun_jax.models.quant import dequantize_kernel, int8_quantize, nf4_quantize, param_bytes, quantize_params
 from mufun_jax import audio
-from mufun_jax.config import IMAGE_TOKEN_INDEX as AUDIO, WhisperConfig
+from mufun_jax.config import IMAGE_TOKEN_INDEX as AUDIO
 from test_generate import LM_HEAD_SCALE
 from torch_reference import TorchMuFun
 
@@ -35,10 +35,7 @@ MAX_NEW = 8
 def setup(torch_threads):
     """test_generate's small model (its lm_head scaled so greedy choices are far from ties) and
     three requests: one with 30 s of audio, two text only."""
-    cfg = preset("mufun-tiny").replace(
-        whisper=WhisperConfig(num_mel_bins=128, d_model=32, encoder_layers=2, encoder_attention_heads=2,
-                              encoder_ffn_dim=64),
-        taps=(0, 1, 2), connector_type="blp_3i_2x")
+    cfg = small_cfg()
     ref = TorchMuFun(cfg, seed=3)
     with torch.no_grad():
         ref.language_model.lm_head.weight.mul_(LM_HEAD_SCALE)
