@@ -298,8 +298,8 @@ def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tok
         else:
             r.tokens = batch * decode_steps
             r.model_flops = decode_steps * flops.decode_flops(model_cfg, batch, max_len)
-        r.detail = (f"{batch} slots x {max_len} cache positions (context {context} + {new_tokens} new), bf16 weights "
-                    f"and cache; admission batch {p} (prefix {context} tokens with {chunks_per_row} audio chunks, "
+        r.detail = (f"{batch} slots x {max_len} cache positions (context {context} + {new_tokens} new), "
+                    f"{quantize or 'bf16'} weights, bf16 cache; admission batch {p} (prefix {context} tokens with {chunks_per_row} audio chunks, "
                     f"suffix {suffix_len}), {decode_steps} decode steps per call"
                     + (f", prefill_chunk {prefill_chunk}" if prefill_chunk else ""))
         compile_step(r, jitted, args, mesh)
