@@ -14,12 +14,14 @@ How a request runs:
    ``buckets[-1] + max_new_tokens`` positions. A device loop advances every slot up to
    ``decode_steps`` tokens and returns as soon as one finishes; the host then prefills the next
    waiting request into that slot while the others keep their place. Short answers never wait for
-   long ones, and long audio or long answers run beside short ones.
+   long ones, and long audio or long answers run beside short ones. A decode call attends only to
+   the cache's leading ``span`` slots, the smallest of ``spans`` (multiples of ``span_step``) above
+   every live slot's position: on CPU a step's cost grows with the slots it reads.
 
 Static shapes: prefix lengths are padded to ``buckets``, suffix lengths to ``suffix_buckets``,
 admission batches to powers of two up to ``prefill_batch``, and a batch's audio chunks to
-``chunk_buckets``; the slot count and the cache length are fixed. So a run compiles a bounded set
-of programs and a steady-state run compiles nothing (``compiles`` counts traces). Sampling
+``chunk_buckets``, decode spans to ``spans``; the slot count and the cache length are fixed. So a
+run compiles a bounded set of programs and a steady-state run compiles nothing (``compiles`` counts traces). Sampling
 settings, seeds, stop ids and per-request limits are arrays, not constants.
 
 Scoring (teacher-forced log-likelihood of candidates) runs one forward pass without a cache.
@@ -28,6 +30,7 @@ Scoring (teacher-forced log-likelihood of candidates) runs one forward pass with
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import math
 import time
@@ -96,6 +99,7 @@ class Generator:
     cache; ``buckets`` are the padded prompt (prefix) lengths, audio slots included;
     ``max_chunks`` limits one request's 30 s chunks (default: as many as fit the largest bucket);
     ``prefill_chunk`` (dividing the buckets) runs prefix prefills in pieces to bound their memory.
+    ``span_step`` sets the decode spans' granularity (default: an eighth of the cache, at least 512).
     ``eos_token_id`` is the default stop set. ``compiles`` counts traces of each jitted function;
     ``stats`` counts requests, cache hits and decode steps; with ``profile=True`` ``timings`` holds
     the seconds spent encoding audio, prefilling and decoding (each phase waits for the device).
@@ -110,7 +114,8 @@ class Generator:
                  prefill_batch: int | None = None, decode_steps: int = 16,
                  eos_token_id: int | Sequence[int] | None = DEFAULT_EOS_TOKEN_ID, pad_token_id: int | None = None,
                  prefill_chunk: int | None = None, audio_cache_bytes: int = 256 << 20,
-                 prefix_cache_bytes: int = 1 << 30, profile: bool = False, max_batch_chunks: int | None = None):
+                 prefix_cache_bytes: int = 1 << 30, profile: bool = False, max_batch_chunks: int | None = None,
+                 span_step: int | None = None):
         if max_new_tokens < 1 or batch_size < 1 or decode_steps < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}, batch_size={batch_size} and decode_steps="
                              f"{decode_steps} must be >= 1")
@@ -141,6 +146,10 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.decode_steps = int(decode_steps)
         self.max_len = self.buckets[-1] + self.max_new_tokens
+        if span_step is not None and span_step < 1:
+            raise ValueError(f"span_step={span_step} must be >= 1 (or None for the default)")
+        step = span_step or max(512, -(-self.max_len // 8 // 128) * 128)
+        self.spans = tuple(sorted({min(k * step, self.max_len) for k in range(1, -(-self.max_len // step) + 1)}))
         self.eos_token_id = eos_token_id
         self.pad_token_id = self.cfg.pad_token_id if pad_token_id is None else int(pad_token_id)
         self.audio_cache = LRUCache(audio_cache_bytes)
@@ -154,9 +163,10 @@ class Generator:
         merge = lambda state: nnx.merge(self.graphdef, state)
 
         def counted(name, fn):
-            def wrapper(*args):
+            @functools.wraps(fn)  # keeps fn's signature, which jit reads for static_argnames
+            def wrapper(*args, **kw):
                 self.compiles[name] += 1  # runs only while tracing
-                return fn(*args)
+                return fn(*args, **kw)
             return wrapper
 
         self._encode = jax.jit(counted("encode", lambda st, x: merge(st).encode_audio(x)))
@@ -164,8 +174,8 @@ class Generator:
             merge(st), ids, slots, emb, self.prefill_chunk)))
         self._prefill = jax.jit(counted("prefill", lambda st, cache, *a: dev.prefill_slots(
             merge(st), cache, *a, chunk=self.prefill_chunk)), donate_argnums=1)
-        self._decode = jax.jit(counted("decode", lambda st, cache, *a: dev.decode_chunk(
-            merge(st), cache, *a, self.decode_steps)), donate_argnums=1)
+        self._decode = jax.jit(counted("decode", lambda st, cache, *a, span: dev.decode_chunk(
+            merge(st), cache, *a, self.decode_steps, span)), donate_argnums=1, static_argnames="span")
         self._score = jax.jit(counted("score", lambda st, *a: dev.score_positions(merge(st), *a)))
 
     @property
@@ -239,11 +249,11 @@ class Generator:
 
     # -- device phases ---------------------------------------------------------------------------
 
-    def _timed(self, phase: str, fn, *args):
+    def _timed(self, phase: str, fn, *args, **kw):
         if not self.profile:
-            return fn(*args)
+            return fn(*args, **kw)
         t0 = time.perf_counter()
-        out = jax.block_until_ready(fn(*args))
+        out = jax.block_until_ready(fn(*args, **kw))
         self.timings[phase] += time.perf_counter() - t0
         return out
 
@@ -333,7 +343,7 @@ class Generator:
         for job in jobs:
             pre = prefixes[job.prefix_key] if job.cut else None
             p_len = 0 if pre is None else pre[1]
-            p_bucket = 0 if pre is None else pre[0].k.shape[1]
+            p_bucket = 0 if pre is None else pre[0].k.shape[2]  # (layers, kv_heads, len, head_dim)
             groups[(p_bucket, _bucket(len(job.ids) - job.cut, self.suffix_buckets))].append((job, pre, p_len))
         done = []
         for (p_bucket, s_bucket), group in groups.items():
@@ -355,7 +365,7 @@ class Generator:
                 pad = [jnp.zeros_like(ks[0])] * (b - len(ks))
                 prefix = KVCache(jnp.stack(ks + pad, axis=1), jnp.stack(vs + pad, axis=1))
             else:
-                z = jnp.zeros((layers, b, 0, kvh, hd), self._cache.k.dtype)
+                z = jnp.zeros((layers, b, kvh, 0, hd), self._cache.k.dtype)
                 prefix = KVCache(z, z)
             tok, lp, self._cache = self._timed(
                 "prefill", self._prefill, state, self._cache, slots, prefix, p_len, suffix, s_len, seeds,
@@ -372,10 +382,8 @@ class Generator:
         return done
 
     def _new_cache(self):
-        q = self.cfg.qwen3
         if self._cache is None:
-            shape = (q.num_hidden_layers, self.batch_size, self.max_len, q.num_key_value_heads, q.head_dim)
-            self._cache = KVCache(jnp.zeros(shape, self.model.dtype), jnp.zeros(shape, self.model.dtype))
+            self._cache = self.model.init_cache(self.batch_size, self.max_len)
 
     # -- generation ----------------------------------------------------------------------------
 
@@ -452,8 +460,9 @@ class Generator:
             if not live.any():
                 continue
             before = self._pos.copy()
+            span = _bucket(min(int(before[live].max()) + self.decode_steps, self.max_len), self.spans)
             out = self._timed("decode", self._decode, state, self._cache, tokens, before, live, remaining, steps,
-                              seeds, temp, topk, topp, stop_ids)
+                              seeds, temp, topk, topp, stop_ids, span=span)
             self._cache = out[0]
             tokens, pos, new_live, remaining, steps, out_tok, out_lp, stopped, n = map(np.array, jax.device_get(out[1:]))
             self._pos = pos

@@ -145,16 +145,17 @@ def prefill(model, embeds, lengths, cache: KVCache, chunk: int | None = None, st
     return last, cache
 
 
-def decode_step(model, tokens, positions, cache: KVCache):
+def decode_step(model, tokens, positions, cache: KVCache, span: int | None = None):
     """One token per row (``tokens`` (B,) at ``positions`` (B,)) through the cache: fp32 logits
-    (B, vocab) and the updated cache."""
-    h, cache = model.hidden_states(model.embed_inputs(tokens[:, None]), positions[:, None], cache=cache)
+    (B, vocab) and the updated cache. ``span``: attend to the first ``span`` slots only (static;
+    above every live row's position), so a step reads the filled part of a long cache."""
+    h, cache = model.hidden_states(model.embed_inputs(tokens[:, None]), positions[:, None], cache=cache, span=span)
     return model.logits(h[:, 0]), cache
 
 
 def prefix_kv(model, input_ids, audio_slots, audio_embeds, chunk: int | None = None) -> KVCache:
-    """Keys and values of right-padded prefixes (B, T) at positions ``0..T-1``: a (layers, B, T, ...)
-    cache that :func:`prefill_slots` puts under the suffixes."""
+    """Keys and values of right-padded prefixes (B, T) at positions ``0..T-1``: a (layers, B, kv_heads,
+    T, head_dim) cache that :func:`prefill_slots` puts under the suffixes."""
     b, t = input_ids.shape
     embeds = embed_prompt(model, input_ids, audio_slots, audio_embeds=audio_embeds)
     _, cache = prefill(model, embeds, jnp.ones((b,), jnp.int32), model.init_cache(b, t), chunk)
@@ -163,30 +164,31 @@ def prefix_kv(model, input_ids, audio_slots, audio_embeds, chunk: int | None = N
 
 def prefill_slots(model, cache: KVCache, slots, prefix: KVCache, prefix_len, suffix_ids, suffix_len, seeds,
                   temperature, top_k, top_p, chunk: int | None = None):
-    """Put each row's prefix keys/values (``prefix``: (layers, B, P, ...), ``prefix_len`` real
-    positions of them) into decode slot ``slots[b]`` of ``cache``, prefill the suffix tokens
-    (``suffix_ids`` (B, S), ``suffix_len`` real ones) after it, and choose each row's first new
-    token. Rows whose slot is out of range (``>= cache`` rows) are padding: nothing of them is
+    """Put each row's prefix keys/values (``prefix``: (layers, B, kv_heads, P, head_dim),
+    ``prefix_len`` real positions of them) into decode slot ``slots[b]`` of ``cache``, prefill the
+    suffix tokens (``suffix_ids`` (B, S), ``suffix_len`` real ones) after it, and choose each row's
+    first new token. Rows whose slot is out of range (``>= cache`` rows) are padding: nothing of them is
     written. ``seeds`` (B,) key each row's sampling; ``chunk`` runs the suffix prefill in pieces when
     it divides the suffix length. Returns (first tokens, their log-probs, the cache)."""
     s = suffix_ids.shape[1]
-    tmp = KVCache(*(jnp.pad(x, ((0, 0), (0, 0), (0, s), (0, 0), (0, 0))) for x in prefix))
+    tmp = KVCache(*(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, s), (0, 0))) for x in prefix))
     chunk = chunk if chunk and s > chunk and s % chunk == 0 else None
     last, tmp = prefill(model, model.embed_inputs(suffix_ids), suffix_len, tmp, chunk, start=prefix_len)
     keys = jax.vmap(jax.random.key)(seeds)
     tok, lp = choose_tokens(model.logits(last), keys, 0, temperature, top_k, top_p)
     # only the leading positions of the rows change; past the cache's end there is nothing real
-    n = min(tmp.k.shape[2], cache.max_len)
-    put = lambda big, new: big.at[:, slots, :n].set(new[:, :, :n].astype(big.dtype), mode="drop")
+    n = min(tmp.max_len, cache.max_len)
+    put = lambda big, new: big.at[:, slots, :, :n].set(new[:, :, :, :n].astype(big.dtype), mode="drop")
     return tok, lp, KVCache(put(cache.k, tmp.k), put(cache.v, tmp.v))
 
 
 def decode_chunk(model, cache: KVCache, tokens, positions, live, remaining, steps, seeds, temperature, top_k, top_p,
-                 stop_ids, max_steps: int):
+                 stop_ids, max_steps: int, span: int | None = None):
     """Advance every live slot by up to ``max_steps`` tokens in a device loop that stops early as
     soon as some slot finishes (so the host can refill it). ``tokens`` are each slot's last token,
     written at ``positions``; ``remaining`` counts the tokens a slot may still generate; ``steps``
-    is each slot's sampling step and ``seeds`` key its sampling. Returns (cache, tokens, positions,
+    is each slot's sampling step and ``seeds`` key its sampling; ``span`` is :func:`decode_step`'s,
+    and must exceed every live slot's position by ``max_steps``. Returns (cache, tokens, positions,
     live, remaining, steps, new tokens (slots, max_steps), their log-probs, stopped (slots,), steps
     run). A slot's new tokens are the first ``positions_after - positions_before`` of its row."""
     s = tokens.shape[0]
@@ -202,7 +204,7 @@ def decode_chunk(model, cache: KVCache, tokens, positions, live, remaining, step
 
     def body(c):
         i, cache, tokens, live, positions, remaining, steps, out_tok, out_lp, stopped, _ = c
-        logits, cache = decode_step(model, tokens, positions, cache)
+        logits, cache = decode_step(model, tokens, positions, cache, span)
         tok, lp = choose_tokens(logits, keys, steps, temperature, top_k, top_p)
         out_tok = jax.lax.dynamic_update_index_in_dim(out_tok, jnp.where(live, tok, 0), i, axis=1)
         out_lp = jax.lax.dynamic_update_index_in_dim(out_lp, jnp.where(live, lp, 0.0), i, axis=1)

@@ -194,7 +194,7 @@ def test_batched_generate_equals_one_chat_at_a_time(setup):
                            return_details=True)
     assert sampled[1].token_ids == details(api, *singles[1][:2], temperature=1.5, top_p=0.9, seed=7).token_ids
     assert sampled[0].token_ids != batched[0].token_ids
-    assert api.generator.compiles["decode"] == 1  # one decode program for every request
+    assert api.generator.compiles["decode"] <= len(api.generator.spans)  # one decode program per cache span
     # asked again, every audio prompt's prefix (system prompt, USER:, the audio) comes from the cache:
     # no audio is encoded again and only the questions are prefilled
     assert again.get("audio_encoded", 0) == 0 and again.get("prefix_computed", 0) == 0

@@ -91,11 +91,13 @@ def test_batched_equals_one_by_one(setup):
         alone = gen.generate([req])[0]
         np.testing.assert_array_equal(alone.token_ids, greedy[i].token_ids, err_msg=f"row {i}")
         np.testing.assert_allclose(alone.logprobs, greedy[i].logprobs, rtol=0, atol=1e-5, err_msg=f"row {i}")
-    # steady state: the same work again compiles nothing, and the decode loop compiled once
+    # a row alone attends to a shorter span of the cache than the batch did (spans 512, 1024, 1032),
+    # and gets the same answer; steady state: the same work again compiles nothing new
     compiles = dict(gen.compiles)
+    assert gen.spans == (512, 1024, 1032) and 2 <= compiles["decode"] <= len(gen.spans), compiles
     for req in requests:
         gen.generate([req])
-    assert dict(gen.compiles) == compiles and gen.compiles["decode"] == 1, gen.compiles
+    assert dict(gen.compiles) == compiles, gen.compiles
 
 
 def test_stop_token_and_max_new_tokens(setup):
@@ -126,7 +128,7 @@ def test_stop_token_and_max_new_tokens(setup):
         assert o.finish_reason == "length"
         np.testing.assert_array_equal(o.token_ids, g.token_ids[:len(o.token_ids)])
         np.testing.assert_allclose(o.logprobs, g.logprobs[:len(o.logprobs)], atol=1e-5)
-    assert gen.compiles["decode"] == 1
+    assert gen.compiles["decode"] <= len(gen.spans)
 
 
 def test_sampling_reproducible_and_batch_independent(setup):

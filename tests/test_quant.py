@@ -65,7 +65,7 @@ def dequantized_reference(q, cfg) -> TorchMuFun:
     flat = {p: np.asarray(v, np.float32) for p, v in flatten_dict(merge_params(nnx.to_pure_dict(nnx.state(q)),
                                                                            1.0)).items()}
     ref = TorchMuFun(cfg, seed=0)
-    sd = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in flax_to_torch(flat, cfg).items()}
+    sd = {k: torch.from_numpy(np.array(v)) for k, v in flax_to_torch(flat, cfg).items()}
     ref.load_state_dict(sd, strict=True)
     return ref
 

@@ -259,8 +259,8 @@ def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tok
     q = model_cfg.qwen3
     with _quiet_logging():
         rows = lambda shape, dt=jnp.int32: sharded(shape, dt, ("batch",) + (None,) * (len(shape) - 1))
-        kv = lambda n, length: sharded((q.num_hidden_layers, n, length, q.num_key_value_heads, q.head_dim),
-                                       jnp.bfloat16, ("layers", "batch", None, "kv_heads", "head_dim"))
+        kv = lambda n, length: sharded((q.num_hidden_layers, n, q.num_key_value_heads, length, q.head_dim),
+                                       jnp.bfloat16, ("layers", "batch", "kv_heads", None, "head_dim"))
         big, pre = kv(batch, max_len), kv(p, context)
         waves = rows((p * chunks_per_row, audio.CHUNK_SAMPLES), jnp.float32) if chunks_per_row else None
     cache, prefix = KVCache(big, big), KVCache(pre, pre)

@@ -194,17 +194,17 @@ def _softmax_attend(qh, kh, vh, mask):
 
 
 def masked_attention(q, k, v, mask):
-    """The KV-cache path (prefill, decode): (b, t, heads, d) queries over (b, s, kv_heads, d)
-    keys with an explicit boolean (b, t, s) mask."""
+    """The KV-cache path (prefill, decode): (b, t, heads, d) queries over heads-first
+    (b, kv_heads, s, d) keys (the cache's layout) with an explicit boolean (b, t, s) mask."""
     # grouped-query form: the keys/values are read where they lie, never repeated to q's heads or
     # transposed; over a long cache those copies cost more than the attention itself (decode).
     b, t, n, d = q.shape
-    kvh = k.shape[2]
+    kvh = k.shape[1]
     qg = (q * jnp.asarray(d**-0.5, q.dtype)).reshape(b, t, kvh, n // kvh, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k).astype(jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k).astype(jnp.float32)
     scores = jnp.where(mask[:, None, None], scores, _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, n, d).astype(q.dtype)
+    return jnp.einsum("bkgts,bksd->btkgd", probs, v).reshape(b, t, n, d).astype(q.dtype)
 
 
 def _xla_attention(q, k, v, segment_ids, causal, block: int = XLA_QUERY_BLOCK):

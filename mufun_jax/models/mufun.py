@@ -77,9 +77,10 @@ class MuFun(nnx.Module):
         gathered = jnp.take(flat, jnp.clip(audio_slots, 0, flat.shape[0] - 1), axis=0)
         return shard_activation(jnp.where((audio_slots >= 0)[..., None], gathered, x), ("batch", None, None))
 
-    def hidden_states(self, inputs_embeds, positions=None, segment_ids=None, cache: KVCache | None = None):
+    def hidden_states(self, inputs_embeds, positions=None, segment_ids=None, cache: KVCache | None = None,
+                      span: int | None = None):
         """The decoder: final-normed hidden states (batch, seq, hidden) and the updated cache (or None)."""
-        return self.language_model.hidden_states(inputs_embeds, positions, segment_ids, cache)
+        return self.language_model.hidden_states(inputs_embeds, positions, segment_ids, cache, span)
 
     def logits(self, hidden):
         """fp32 vocabulary logits of hidden states (any leading shape)."""

@@ -28,17 +28,19 @@ from mufun_jax.models.scan import scan_layers, stack_layers
 
 
 class KVCache(NamedTuple):
-    k: jax.Array  # (layers, batch, max_len, kv_heads, head_dim)
+    # (layers, batch, kv_heads, max_len, head_dim): heads-first, so attention reads each head's keys
+    # where they lie; a (.., len, kv_heads, ..) layout is transposed for every decode step's matmuls.
+    k: jax.Array
     v: jax.Array
 
     @classmethod
     def init(cls, cfg: Qwen3Config, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-        shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def rope_cos_sin(positions, head_dim: int, theta: float, dtype):
@@ -89,14 +91,16 @@ class Qwen3Attention(nnx.Module):
             out = attention_lib.dot_product_attention(q, k, v, segment_ids=segment_ids, causal=True,
                                                       implementation=implementation, interpret=interpret)
             return checkpoint_name(self.o_proj(out.reshape(b, t, -1)), "out_proj"), kv
-        # kv: every layer's cache (layers, b, len, kv_heads, d) and this layer's index. The new
+        # kv: every layer's cache (layers, b, kv_heads, len, d) and this layer's index. The new
         # entries are scattered into the whole stack, which the layer scan carries: updated in place,
         # where a per-layer slice returned as a scan output would copy the cache at every step.
         k_all, v_all, i = kv
         rows = jnp.arange(b)[:, None]
-        k_all = k_all.at[i, rows, positions].set(k.astype(k_all.dtype))
-        v_all = v_all.at[i, rows, positions].set(v.astype(v_all.dtype))
-        k, v = (jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False).astype(q.dtype) for a in (k_all, v_all))
+        k_all = k_all.at[i, rows, :, positions].set(k.astype(k_all.dtype))  # index dims first: (b, t, kvh, d)
+        v_all = v_all.at[i, rows, :, positions].set(v.astype(v_all.dtype))
+        span = mask.shape[-1]  # the leading slots attended to: all of them, or a bound on the positions
+        k, v = (jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False)[:, :, :span].astype(q.dtype)
+                for a in (k_all, v_all))
         out = attention_lib.masked_attention(q, k, v, mask).reshape(b, t, self.num_heads * self.head_dim)
         return checkpoint_name(self.o_proj(out), "out_proj"), (k_all, v_all)
 
@@ -150,15 +154,20 @@ class Qwen3ForCausalLM(nnx.Module):
         out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return out.astype(jnp.float32)
 
-    def hidden_states(self, inputs_embeds, positions=None, segment_ids=None, cache: KVCache | None = None):
-        """Final-normed hidden states (batch, seq, hidden) and the updated cache (or None)."""
+    def hidden_states(self, inputs_embeds, positions=None, segment_ids=None, cache: KVCache | None = None,
+                      span: int | None = None):
+        """Final-normed hidden states (batch, seq, hidden) and the updated cache (or None).
+
+        ``span`` (static, with a cache): attend to the cache's first ``span`` slots only. Every
+        position must be below it; a decode step then reads only the filled part of a long cache,
+        whose cost grows with the slots read, not with the work done."""
         b, t, _ = inputs_embeds.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
         impl = self.attention_impl if cache is None else "xla"
         # without a cache the attention backend builds its mask from segment_ids (block by block)
-        mask = None if cache is None else cache_mask(positions, cache.max_len)
+        mask = None if cache is None else cache_mask(positions, cache.max_len if span is None else min(span, cache.max_len))
 
         x = shard_activation(inputs_embeds.astype(self.dtype), ("batch", None, None))
         if cache is None:
