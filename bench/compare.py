@@ -1191,7 +1191,13 @@ def markdown(res: dict) -> str:
     if res.get("inference_tagging"):
         import tagging
 
-        lines += tagging.markdown(res["inference_tagging"]) + [""]
+        lines += tagging.markdown(res["inference_tagging"])
+        tm = res.get("tagging_machine")
+        if tm:
+            lines.append(f"- the tagging rows were measured separately (`{res.get('tagging_command')}`, "
+                         f"{res['inference_tagging'].get('date')}) on {tm['cpu_model']}, {tm['cpu_count']} cores, "
+                         f"load {tm['loadavg_start'][0]:.2f} at the start; the other rows on the machine below")
+        lines.append("")
     if res.get("profile"):
         lines += ["## Components (--profile)", "", profile_markdown(res["profile"], Settings.from_dict(s))]
     lines += ["## Machine", ""]
@@ -1244,7 +1250,7 @@ def main(argv=None) -> int:
         print(profile_markdown(run_profile(s, 1, args.timeout), s))  # each piece: best of 3 calls
         return 0
     if args.only_tagging:
-        return _update_tagging(s, args)
+        return _update_tagging(s, args, facts)
     if args.parallel:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -1287,7 +1293,7 @@ def _write(res: dict, out: Path) -> None:
     print(md)
 
 
-def _update_tagging(s: Settings, args) -> int:
+def _update_tagging(s: Settings, args, facts: dict) -> int:
     """--only-tagging: measure the tagging workload and replace its rows in an existing results.json."""
     import tagging
 
@@ -1307,6 +1313,8 @@ def _update_tagging(s: Settings, args) -> int:
     res["inference_tagging"] = _tagging_summary(tag)
     res.setdefault("raw", {})["tagging"] = tag
     res["tagging_command"] = " ".join(["python bench/compare.py"] + sys.argv[1:])
+    # the tagging rows may come from another machine than the rest of the table: say which
+    res["tagging_machine"] = {**facts, "loadavg_end": list(os.getloadavg())}
     _write(res, out)
     return 0
 

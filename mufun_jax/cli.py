@@ -143,7 +143,11 @@ def infer_main(argv=None) -> int:
                                              "OUTPUT_DIR/model) or a PyTorch MuFun checkpoint directory")
     ap.add_argument("input", nargs="?", help="requests, as a JSON list or JSONL")
     ap.add_argument("--output", "-o", help="JSONL results, one line per request as it completes (resumable)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=8, help="decode slots: requests answered together")
+    ap.add_argument("--prefill-batch", type=int, default=4, help="prompts prefilled together as slots free up "
+                    "(at most --batch-size; default 4): bounds the prefill's memory, as in --compile-only")
+    ap.add_argument("--prefill-chunk", type=int, default=None, help="prefill attention in pieces of this many "
+                    "tokens (must divide the prompt buckets above it): bounds long prompts' memory")
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=None)
@@ -173,8 +177,10 @@ def infer_main(argv=None) -> int:
     tpu.add_argument("--topology", default=None, help="v5p-128, v6e-64, v6e-8, v5e-256, ...")
     tpu.add_argument("--num-slices", type=int, default=1)
     tpu.add_argument("--context", type=int, default=4096, help="prompt tokens per row (audio included)")
-    tpu.add_argument("--prefill-chunk", type=int, default=None, help="prefill attention chunk (tokens)")
     args = ap.parse_args(argv)
+    if args.prefill_batch < 1 or (args.prefill_chunk is not None and args.prefill_chunk < 1):
+        ap.error(f"--prefill-batch {args.prefill_batch} and --prefill-chunk {args.prefill_chunk} must be >= 1")
+    prefill_batch = min(args.prefill_batch, max(args.batch_size, 1))
     if args.compile_only or args.topology is not None:
         if not (args.compile_only and args.topology):
             ap.error("--compile-only and --topology go together")
@@ -182,7 +188,7 @@ def infer_main(argv=None) -> int:
 
         return infer_compile_only(args.topology, batch=args.batch_size, context=args.context,
                                   new_tokens=args.max_new_tokens, model=args.model, num_slices=args.num_slices,
-                                  prefill_chunk=args.prefill_chunk,
+                                  prefill_chunk=args.prefill_chunk, prefill_batch=prefill_batch,
                                   quantize=None if args.quantize == "none" else args.quantize)
     if args.input is None or args.output is None:
         ap.error("MODEL, INPUT and --output are required (except with --compile-only)")
@@ -262,9 +268,14 @@ def infer_main(argv=None) -> int:
             try:
                 model = MuFun.from_pretrained(args.model, dtype=args.dtype, attention_impl=args.attention_impl,
                                               quantize=None if args.quantize == "none" else args.quantize,
-                                              adapter=args.adapter, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
-            except (CheckpointError, OSError, ValueError) as e:
+                                              adapter=args.adapter, batch_size=args.batch_size,
+                                              max_new_tokens=args.max_new_tokens, prefill_batch=prefill_batch,
+                                              prefill_chunk=args.prefill_chunk)
+            except (CheckpointError, OSError) as e:
                 print(f"infer.py: error: cannot load the model: {e}", file=sys.stderr)
+                return 2
+            except ValueError as e:  # a bad setting (e.g. --prefill-chunk against the buckets) or config
+                print(f"infer.py: error: {e}", file=sys.stderr)
                 return 2
             good = [r for _, r in todo if not isinstance(r, _BadLine)]
             results = model.iter_results(good, score=args.score, max_new_tokens=args.max_new_tokens,

@@ -180,10 +180,11 @@ def test_infer_cli_compiles_prefill_and_decode(tmp_path, capsys):
     (model / "mufun_config.json").write_text(json.dumps(preset("mufun-tiny").to_dict()))
     with jax.default_matmul_precision("default"):
         code = infer_main([str(model), "--compile_only", "--topology", "v5e-4", "--batch-size", "4",
-                           "--context", "640", "--max-new-tokens", "64"])
+                           "--prefill-batch", "2", "--context", "640", "--max-new-tokens", "64"])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert "prefill" in out.out and "decode" in out.out and "v5e-4" in out.out
+    assert "admission batch 2 " in out.out  # the run's admission batch is the one compiled
     assert infer_main(["--compile_only", "--topology", "v9-8"]) == 2
     assert "unknown TPU topology" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # requests are needed without --compile_only

@@ -246,8 +246,8 @@ def test_infer_cli_end_to_end(setup, tmp_path):
     (tmp_path / "req.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
     r = subprocess.run([sys.executable, "infer.py", str(d / "conv"), str(tmp_path / "req.jsonl"), "--output", str(out),
-                        "--audio-root", str(d), "--batch-size", "4", "--max-new-tokens", str(MAX_NEW),
-                        "--no-progress", "--sort"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        "--audio-root", str(d), "--batch-size", "4", "--prefill-batch", "2",
+                        "--max-new-tokens", str(MAX_NEW), "--no-progress", "--sort"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
     assert r.returncode == 1, r.stderr
     assert "3 of 5 requests answered" in r.stderr and "missing_file 1" in r.stderr
@@ -263,7 +263,7 @@ def test_infer_cli_end_to_end(setup, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["out.jsonl", "req.jsonl"]  # no temporary file left
 
 
-def test_infer_cli_score_mode_and_usage_errors(setup, tmp_path):
+def test_infer_cli_score_mode_and_usage_errors(setup, tmp_path, capsys):
     from mufun_jax.cli import infer_main
 
     d, cfg, ref, tok, api = setup
@@ -296,6 +296,9 @@ def test_infer_cli_score_mode_and_usage_errors(setup, tmp_path):
     assert infer_main([str(d / "conv"), str(tmp_path / "req.json"), "--output", fresh, "--top-p", "0"]) == 2
     assert infer_main([str(d / "conv"), str(tmp_path / "absent.jsonl"), "--output", fresh]) == 2
     assert infer_main([str(tmp_path), str(tmp_path / "req.json"), "--output", fresh]) == 2  # not a model
+    capsys.readouterr()
+    assert infer_main([str(d / "conv"), str(tmp_path / "req.json"), "--output", fresh, "--prefill-chunk", "100"]) == 2
+    assert "prefill_chunk=100 must divide" in capsys.readouterr().err
     (tmp_path / "dup.json").write_text(json.dumps([{"id": "a", "prompt": "x"}, {"id": "b", "prompt": "y"},
                                                    {"id": "a", "prompt": "z"}]))
     assert infer_main([str(d / "conv"), str(tmp_path / "dup.json"), "--output", fresh]) == 2  # before any work

@@ -383,7 +383,7 @@ def train_compile_only(cfg, topology: str, num_slices: int = 1, attention_impl: 
 
 def infer_compile_only(topology: str, *, batch: int, context: int = 4096, new_tokens: int = 512,
                        model: str | None = None, num_slices: int = 1, mesh_shape: Sequence[int] = (1, 1, -1),
-                       prefill_chunk: int | None = None, quantize: str | None = None) -> int:
+                       prefill_chunk: int | None = None, prefill_batch: int = 4, quantize: str | None = None) -> int:
     """``infer.py --compile-only --topology NAME``: compile the prefill and a decode step of the
     model in ``model`` (a converted directory; the mufun-8b preset when it is None or not on this
     machine), print the table; 0 if both fit, 1 if not."""
@@ -400,7 +400,7 @@ def infer_compile_only(topology: str, *, batch: int, context: int = 4096, new_to
             print(f"{model} is not on this machine: compiling the mufun-8b preset", file=sys.stderr)
         results = compile_infer(topology, batch=batch, context=context, new_tokens=new_tokens, mesh_shape=mesh_shape,
                                 num_slices=num_slices, model_cfg=model_cfg, prefill_chunk=prefill_chunk,
-                                quantize=quantize)
+                                prefill_batch=prefill_batch, quantize=quantize)
     except (ValueError, FileNotFoundError, RuntimeError, CheckpointError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2
