@@ -1090,8 +1090,6 @@ def row(name, metric, ours, ref, *, higher_is_better=True, target=None):
 
 
 def build_rows(s: Settings, train: dict, inf: dict, peak_tflops: float | None) -> list[dict]:
-    import tagging
-
     rows = []
     unit, scale = ("TFLOP/s", 1e12) if s.device == "gpu" else ("GFLOP/s", 1e9)
     for key, label, target in (("train_full", "training, full", 1.5),
@@ -1112,27 +1110,37 @@ def build_rows(s: Settings, train: dict, inf: dict, peak_tflops: float | None) -
                             [x / (peak_tflops * 1e12) for x in g("ref", "achieved_flops_per_s")]))
         rows.append({"row": label, "metric": "compile s (ours only)", "ours": stats(g("ours", "compile_s")),
                      "reference": None, "ratio": None})
-    i = inf["infer"]
-    name = f"inference, {inf['infer_meta']['requests']} requests"
-    rows.append(row(name, "answers/s vs chat() loop", i["ours"]["answers_per_s"], i["ref_chat"]["answers_per_s"],
-                    target=5.0))
-    rows.append(row(name, "answers/s vs HF batched generate", i["ours"]["answers_per_s"],
-                    i["ref_batched"]["answers_per_s"], target=1.5))
-    rows.append(row(name, f"achieved {unit} vs chat() loop", [x / scale for x in i["ours"]["achieved_flops_per_s"]],
-                    [x / scale for x in i["ref_chat"]["achieved_flops_per_s"]]))
-    tag_rows, _ = tagging.rows(inf["tagging"], row, stats)
-    rows += tag_rows
+    rows += inference_rows(s, inf)
     rows.append(row("peak RSS, full training", "MB", [r["peak_rss_mb"] for r in train["ours"]],
                     [r["peak_rss_mb"] for r in train["ref"]], higher_is_better=False))
     if all("peak_device_mem_mb" in r for r in train["ours"] + train["ref"]):
         rows.append(row("peak device memory, full training", "MB", [r["peak_device_mem_mb"] for r in train["ours"]],
                         [r["peak_device_mem_mb"] for r in train["ref"]], higher_is_better=False))
+    return rows + pipeline_rows(inf)
+
+
+def inference_rows(s: Settings, inf: dict) -> list[dict]:
+    """The 16-request rows (issue target: no inference row below 1.0x) and the tagging rows."""
+    import tagging
+
+    unit, scale = ("TFLOP/s", 1e12) if s.device == "gpu" else ("GFLOP/s", 1e9)
+    i = inf["infer"]
+    name = f"inference, {inf['infer_meta']['requests']} requests"
+    rows = [row(name, "answers/s vs chat() loop", i["ours"]["answers_per_s"], i["ref_chat"]["answers_per_s"],
+                target=1.0),
+            row(name, "answers/s vs HF batched generate", i["ours"]["answers_per_s"],
+                i["ref_batched"]["answers_per_s"], target=1.0),
+            row(name, f"achieved {unit} vs chat() loop", [x / scale for x in i["ours"]["achieved_flops_per_s"]],
+                [x / scale for x in i["ref_chat"]["achieved_flops_per_s"]])]
+    return rows + tagging.rows(inf["tagging"], row, stats)[0]
+
+
+def pipeline_rows(inf: dict) -> list[dict]:
     p = inf["pipeline"]
-    rows.append(row("input pipeline: decode + resample + log-mel", "chunks/s", p["ours"]["chunks_per_s"],
-                    p["ref"]["chunks_per_s"]))
-    rows.append(row("input pipeline: log-mel only (device vs WhisperFeatureExtractor)", "chunks/s",
-                    p["ours"]["mel_chunks_per_s"], p["ref"]["mel_chunks_per_s"]))
-    return rows
+    return [row("input pipeline: decode + resample + log-mel", "chunks/s", p["ours"]["chunks_per_s"],
+                p["ref"]["chunks_per_s"]),
+            row("input pipeline: log-mel only (device vs WhisperFeatureExtractor)", "chunks/s",
+                p["ours"]["mel_chunks_per_s"], p["ref"]["mel_chunks_per_s"])]
 
 
 def fmt(x) -> str:
@@ -1194,7 +1202,8 @@ def markdown(res: dict) -> str:
         lines += tagging.markdown(res["inference_tagging"])
         tm = res.get("tagging_machine")
         if tm:
-            lines.append(f"- the tagging rows were measured separately (`{res.get('tagging_command')}`, "
+            what = "inference and input pipeline" if res.get("inference_machine") else "tagging"
+            lines.append(f"- the {what} rows were measured separately (`{res.get('tagging_command')}`, "
                          f"{res['inference_tagging'].get('date')}) on {tm['cpu_model']}, {tm['cpu_count']} cores, "
                          f"load {tm['loadavg_start'][0]:.2f} at the start; the other rows on the machine below")
         lines.append("")
@@ -1220,6 +1229,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", action="store_true",
                     help="also time the model's pieces (encoder, LLM layers, LM head + loss) on each side")
     ap.add_argument("--only-profile", action="store_true", help="run only the --profile part and print it")
+    ap.add_argument("--only-inference", action="store_true", help="run only the inference rows (16 requests, "
+                    "tagging, input pipeline) and update them in an existing results.json")
     ap.add_argument("--only-tagging", action="store_true", help="run only the tagging workload and update its rows "
                     "and inference_tagging in OUT/results.{json,md}")
     ap.add_argument("--parallel", action="store_true",
@@ -1249,8 +1260,8 @@ def main(argv=None) -> int:
     if args.only_profile:
         print(profile_markdown(run_profile(s, 1, args.timeout), s))  # each piece: best of 3 calls
         return 0
-    if args.only_tagging:
-        return _update_tagging(s, args, facts)
+    if args.only_tagging or args.only_inference:
+        return _update_inference(s, args, facts)
     if args.parallel:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -1293,28 +1304,38 @@ def _write(res: dict, out: Path) -> None:
     print(md)
 
 
-def _update_tagging(s: Settings, args, facts: dict) -> int:
-    """--only-tagging: measure the tagging workload and replace its rows in an existing results.json."""
+def _update_inference(s: Settings, args, facts: dict) -> int:
+    """--only-tagging / --only-inference: measure the tagging workload (or every inference row:
+    16 requests, tagging, input pipeline) and replace those rows in an existing results.json."""
     import tagging
 
     out = Path(args.out)
     old = out / "results.json"
+    flag = "--only-tagging" if args.only_tagging else "--only-inference"
     if not old.exists():
-        print(f"compare: --only-tagging updates {old}, which does not exist: run the whole comparison first",
+        print(f"compare: {flag} updates {old}, which does not exist: run the whole comparison first",
               file=sys.stderr)
         return 2
     res = json.loads(old.read_text())
-    tag = run_inference(s, args.repeats, args.timeout, tagging_only=True)["tagging"]
-    new_rows, _ = tagging.rows(tag, row, stats)
+    inf = run_inference(s, args.repeats, args.timeout, tagging_only=args.only_tagging)
+    if args.only_tagging:
+        new_rows, replaced = tagging.rows(inf["tagging"], row, stats)[0], ("tagging:",)
+    else:
+        new_rows, replaced = inference_rows(s, inf) + pipeline_rows(inf), ("tagging:", "inference,", "input pipeline")
+        res["infer_meta"] = inf["infer_meta"]
     names = {r["row"] for r in new_rows}
-    res["rows"] = [r for r in res["rows"] if r["row"] not in names and not r["row"].startswith("tagging:")]
-    at = next((i for i, r in enumerate(res["rows"]) if r["row"].startswith("peak RSS")), len(res["rows"]))
-    res["rows"][at:at] = new_rows
-    res["inference_tagging"] = _tagging_summary(tag)
-    res.setdefault("raw", {})["tagging"] = tag
-    res["tagging_command"] = " ".join(["python bench/compare.py"] + sys.argv[1:])
-    # the tagging rows may come from another machine than the rest of the table: say which
-    res["tagging_machine"] = {**facts, "loadavg_end": list(os.getloadavg())}
+    kept = [r for r in res["rows"] if r["row"] not in names and not r["row"].startswith(replaced)]
+    at = next((i for i, r in enumerate(kept) if r["row"].startswith("peak RSS")), len(kept))
+    res["rows"] = kept[:at] + new_rows + kept[at:]
+    res["inference_tagging"] = _tagging_summary(inf["tagging"])
+    res.setdefault("raw", {})["tagging" if args.only_tagging else "infer"] = (
+        inf["tagging"] if args.only_tagging else inf)
+    command = " ".join(["python bench/compare.py"] + sys.argv[1:])
+    # these rows may come from another machine than the rest of the table: say which
+    machine = {**facts, "loadavg_end": list(os.getloadavg())}
+    res["tagging_command"], res["tagging_machine"] = command, machine
+    if not args.only_tagging:
+        res["inference_command"], res["inference_machine"] = command, machine
     _write(res, out)
     return 0
 
