@@ -21,8 +21,8 @@ How a request runs:
 Static shapes: prefix lengths are padded to ``buckets``, suffix lengths to ``suffix_buckets``,
 admission batches to powers of two up to ``prefill_batch``, and a batch's audio chunks to
 ``chunk_buckets``, decode spans to ``spans``; the slot count and the cache length are fixed. So a
-run compiles a bounded set of programs and a steady-state run compiles nothing (``compiles`` counts traces). Sampling
-settings, seeds, stop ids and per-request limits are arrays, not constants.
+run compiles a bounded set of programs and a steady-state run compiles nothing (``compiles``
+counts traces). Sampling settings, seeds, stop ids and per-request limits are arrays, not constants.
 
 Scoring (teacher-forced log-likelihood of candidates) runs one forward pass without a cache.
 """

@@ -167,9 +167,9 @@ def prefill_slots(model, cache: KVCache, slots, prefix: KVCache, prefix_len, suf
     """Put each row's prefix keys/values (``prefix``: (layers, B, kv_heads, P, head_dim),
     ``prefix_len`` real positions of them) into decode slot ``slots[b]`` of ``cache``, prefill the
     suffix tokens (``suffix_ids`` (B, S), ``suffix_len`` real ones) after it, and choose each row's
-    first new token. Rows whose slot is out of range (``>= cache`` rows) are padding: nothing of them is
-    written. ``seeds`` (B,) key each row's sampling; ``chunk`` runs the suffix prefill in pieces when
-    it divides the suffix length. Returns (first tokens, their log-probs, the cache)."""
+    first new token. Rows whose slot is out of range (``>= cache`` rows) are padding: nothing of
+    them is written. ``seeds`` (B,) key each row's sampling; ``chunk`` runs the suffix prefill in
+    pieces when it divides the suffix length. Returns (first tokens, their log-probs, the cache)."""
     s = suffix_ids.shape[1]
     tmp = KVCache(*(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, s), (0, 0))) for x in prefix))
     chunk = chunk if chunk and s > chunk and s % chunk == 0 else None

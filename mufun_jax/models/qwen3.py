@@ -167,7 +167,9 @@ class Qwen3ForCausalLM(nnx.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.head_dim, self.cfg.rope_theta, self.dtype)
         impl = self.attention_impl if cache is None else "xla"
         # without a cache the attention backend builds its mask from segment_ids (block by block)
-        mask = None if cache is None else cache_mask(positions, cache.max_len if span is None else min(span, cache.max_len))
+        if cache is not None:
+            span = cache.max_len if span is None else min(span, cache.max_len)
+        mask = None if cache is None else cache_mask(positions, span)
 
         x = shard_activation(inputs_embeds.astype(self.dtype), ("batch", None, None))
         if cache is None:
