@@ -65,7 +65,7 @@ def test_packed_loss_equals_hf_loss_on_the_reference(torch_threads):
     rows_ids, rows_lab, audios = [], [], []
     for smp in samples:
         mel = np.asarray(audio.log_mel_spectrogram(audio.pad_chunks(smp.chunks[0])))
-        audios.append([torch.from_numpy(mel)])
+        audios.append([torch.from_numpy(np.array(mel))])
         rows_ids.append(smp.input_ids)
         rows_lab.append(expand_placeholders(smp.input_ids, [1], tokens_per_chunk=300, labels=smp.labels)[1])
     with torch.no_grad():
