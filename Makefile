@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install clean demo demo-lora bench
+.PHONY: test install clean demo demo-lora bench bench-tpu
 
 test: $(VENV)/.installed
 	MUFUN_LIBTPU=$(LIBTPU) $(PY) -m pytest tests
@@ -37,5 +37,24 @@ demo-lora: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) bench/compare.py --repeats 3 --out bench
 
+# Our train step and MaxText's Qwen3-8B, compiled ahead of time for v5p-128 and v6e-64 on this CPU
+# host and compared per chip (bench/tpu_vs_maxtext.py -> bench/tpu_vs_maxtext.{json,md}; docs/tpu.md).
+# MaxText needs Python 3.12+, so this builds its own environment: maxtext[tpu] and this project
+# share one jax and libtpu. About 30 minutes on 2 cores. Not part of `make test`.
+PY312 ?= $(shell for p in $$HOME/.pyenv/versions/3.1[2-9]*/bin/python python3.12 python3.13; do \
+	$$p -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
+TPU_VENV ?= .venv-tpu
+
+$(TPU_VENV)/.installed: setup.cfg pyproject.toml
+	@test -n "$(PY312)" || { echo "make bench-tpu: MaxText needs Python 3.12 or newer; set PY312=/path/to/python3.12"; exit 2; }
+	$(PY312) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TPU_VENV)/bin/python -m pip install --quiet "maxtext[tpu]==0.2.5"
+	$(TPU_VENV)/bin/python -m pip install --quiet -e .
+	touch $@
+
+bench-tpu: $(TPU_VENV)/.installed
+	JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python bench/tpu_vs_maxtext.py --out bench
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TPU_VENV) build *.egg-info .pytest_cache

@@ -763,7 +763,7 @@ def ours_prof_child(s: Settings, workdir: str):
     from flax import nnx
 
     from mufun_jax.models import MuFun
-    from mufun_jax.train_lib import nll_sums
+    from mufun_jax.loss import nll_sums
 
     cfg = model_config(s)
     model = MuFun(cfg, run_settings(s), rngs=nnx.Rngs(0))

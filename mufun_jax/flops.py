@@ -9,8 +9,9 @@ Conventions:
   sequence (``attention="square"`` counts ``n^2``, what a kernel without block skipping computes);
   Whisper's attention is full (non-causal);
 - a training step multiplies each module's forward FLOPs (:func:`pass_multipliers`): x1 forward,
-  +1 for the gradient with respect to its input when a module before it trains, +1 for its weight
-  gradient when it trains itself; attention, which has no weights, takes +2 whenever gradients
+  +1 for the gradient with respect to its input when it or a module before it trains (the layers
+  of a trained module pass input gradients to each other), +1 for its weight gradient when it
+  trains itself; attention, which has no weights, takes +2 whenever gradients
   pass through it. Remat recomputation is not model FLOPs (it shows up as compiled / model > 1).
 """
 
@@ -56,7 +57,8 @@ def pass_multipliers(trainable: Mapping[str, str]) -> dict[str, tuple[int, int]]
     out, upstream = {}, False
     for m in MODULES:
         trained = trainable.get(m, "full") == "full"
-        out[m] = (1 + int(upstream) + int(trained), 1 + 2 * int(upstream or trained))
+        # a trained module's layers pass input gradients to each other even when nothing before it trains
+        out[m] = (1 + int(upstream or trained) + int(trained), 1 + 2 * int(upstream or trained))
         upstream = upstream or trained
     return out
 

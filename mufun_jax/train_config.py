@@ -92,7 +92,7 @@ class TrainConfig:
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate only at the end (if an eval set is given)
     eval_batches: int | None = None  # cap per evaluation (None: the whole eval set)
-    loss_chunk: int = 0  # tokens per chunk of the vocabulary projection in the loss (0: all at once)
+    loss_chunk: int = 0  # tokens per device per chunk of the vocabulary projection in the loss (0: all at once)
     distributed: bool | None = None  # jax.distributed.initialize(); None: when the launch environment says so
     progress: bool = True
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

@@ -32,9 +32,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mufun_jax import checkpoint
 from mufun_jax.metrics import MetricsWriter
-from mufun_jax.config import IGNORE_INDEX, MuFunConfig, RunSettings
+from mufun_jax.config import MuFunConfig, RunSettings
 from mufun_jax.errors import EXIT_PREEMPTED
 from mufun_jax.models import MuFun
+from mufun_jax.loss import loss_sums
 from mufun_jax.models.layers import FrozenParam
 from mufun_jax.models.lora import LoraParam, adapter_params, dropout_key, merge_params
 from mufun_jax.models.quant import quantize_params
@@ -106,54 +107,6 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         optax.clip_by_global_norm(o.max_grad_norm),
         optax.adamw(lr_schedule(cfg), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask),
     )
-
-
-# -- loss ------------------------------------------------------------------------------------------
-
-
-def next_token_targets(labels, segment_ids):
-    """``targets[t] = labels[t+1]`` within a sample, -100 across sample boundaries and padding."""
-    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
-    shifted = jnp.where(same, labels[:, 1:], IGNORE_INDEX)
-    return jnp.concatenate([shifted, jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
-
-
-def nll_sums(logits_fn, hidden, targets, chunk: int = 0):
-    """(sum of -log p(target), number of targets) over targets != -100; ``logits_fn`` maps hidden
-    states to fp32 logits (``model.logits``).
-
-    With ``chunk > 0`` the vocabulary projection runs over ``chunk`` tokens at a time inside a
-    rematerialised scan, so the fp32 ``[tokens, vocab]`` logits never exist at once."""
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = targets.reshape(-1)
-
-    def piece(h, t):
-        logits = logits_fn(h)
-        valid = t != IGNORE_INDEX
-        gold = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[:, None], axis=-1)[:, 0]
-        nll = jax.nn.logsumexp(logits, axis=-1) - gold
-        return jnp.sum(jnp.where(valid, nll, 0.0)), jnp.sum(valid).astype(jnp.float32)
-
-    if chunk <= 0 or chunk >= h.shape[0]:
-        return piece(h, t)
-    pad = -h.shape[0] % chunk
-    h = jnp.pad(h, ((0, pad), (0, 0))).reshape(-1, chunk, h.shape[-1])
-    t = jnp.pad(t, (0, pad), constant_values=IGNORE_INDEX).reshape(-1, chunk)
-
-    def body(acc, xs):
-        s, n = jax.checkpoint(piece)(*xs)
-        return (acc[0] + s, acc[1] + n), None
-
-    (s, n), _ = jax.lax.scan(body, (jnp.float32(0), jnp.float32(0)), (h, t))
-    return s, n
-
-
-def loss_sums(model: MuFun, batch: dict, loss_chunk: int = 0):
-    """One packed micro-batch -> (sum of token NLL, label-token count). The log-mel of the
-    waveforms runs on the device, inside ``encode_audio``."""
-    embeds = model.embed_inputs(batch["input_ids"], model.encode_audio(batch["waves"]), batch["audio_slots"])
-    hidden, _ = model.hidden_states(embeds, batch["positions"], batch["segment_ids"])
-    return nll_sums(model.logits, hidden, next_token_targets(batch["labels"], batch["segment_ids"]), loss_chunk)
 
 
 # -- the trainer -----------------------------------------------------------------------------------

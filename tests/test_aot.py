@@ -77,6 +77,91 @@ def test_hlo_flops_multiplies_loops_and_reads_tpu_convolutions(v5e4):
     assert _compiled(v5e4, scan, *cases[0][1]).cost_analysis()["flops"] * v5e4.chips < cases[0][2] / 5
 
 
+def test_hlo_bytes_and_collectives_multiply_loops(v5e4):
+    """The roofline inputs: HBM bytes read the stacked weights once per scan step (a slice, not
+    the whole stack), and collective payloads / ring bytes follow the replica groups."""
+    from jax.sharding import PartitionSpec as P
+
+    n = 512
+    scan = lambda a, w: jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi), None), a, w)[0].sum()
+    got = aot.hlo_flops(_compiled(v5e4, scan, ((n, n), P("x")), ((6, n, n), P())).as_text())
+    weights, acts = 6 * n * n * 2, 6 * 2 * (n // 4) * n * 2  # bf16; each step reads and writes a quarter of a
+    assert weights <= got.hbm_bytes <= 1.5 * (weights + acts), (got.hbm_bytes, weights, acts)
+    # an all-gather of a 4-way sharded (1024, 1024) f32 array: each chip ends with 4 MiB and sends
+    # its 1 MiB shard to 3 others
+    from jax.sharding import Mesh, NamedSharding
+
+    mesh = Mesh(np.asarray(v5e4.devices).reshape(-1), ("x",))
+    arg = jax.ShapeDtypeStruct((1024, 1024), jnp.float32, sharding=NamedSharding(mesh, P("x")))
+    c = jax.jit(lambda a: a * 2, out_shardings=NamedSharding(mesh, P())).lower(arg).compile()
+    got = aot.hlo_flops(c.as_text())
+    total = sum(got.collective_bytes.values())
+    assert total == 4 * 2**20 and got.link_bytes == 3 * 2**20, (got.collective_bytes, got.link_bytes)
+
+
+def test_hlo_group_sizes_of_every_replica_group_syntax():
+    from mufun_jax.aot.hlo import _group_size
+
+    assert _group_size("replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add", 8) == 4
+    assert _group_size("replica_groups=[2,4]<=[8], dimensions={0}", 8) == 4
+    assert _group_size("replica_groups=mesh['axis_0'=4,'axis_1'=16] {'axis_1'}, use_global_device_ids=true", 64) == 16
+    assert _group_size("replica_groups=mesh['axis_0'=4,'axis_1'=16] {'axis_0','axis_1'}", 64) == 64
+    assert _group_size("replica_groups={}, to_apply=%add", 8) == 8
+
+
+def test_chunked_loss_keeps_each_devices_rows(v5e4):
+    """Loss chunks cut the sequence, so each chip computes its own rows in every chunk. With 3 rows
+    of 512 tokens per chip and 512-token chunks there are 3 chunks, and the collectives move about
+    5 LM heads (a gather per chunk, the gradient's reduction). Chunks of the flattened tokens (the
+    old way) put each of 12 chunks on one chip and all-reduced the head for each: 12 heads."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from mufun_jax.aot.topology import topology_mesh
+    from mufun_jax.loss import nll_sums
+
+    mesh = topology_mesh(v5e4, 1, -1, 1)
+    d, vocab, rows, seq = 512, 8192, 12, 512
+    sh = lambda *spec: NamedSharding(mesh, P(*spec))
+    args = (jax.ShapeDtypeStruct((d, vocab), jnp.float32, sharding=sh("fsdp")),
+            jax.ShapeDtypeStruct((rows, seq, d), jnp.float32, sharding=sh("fsdp")),
+            jax.ShapeDtypeStruct((rows, seq), jnp.int32, sharding=sh("fsdp")))
+    loss = lambda w, h, t: nll_sums(lambda x: (x @ w.astype(jnp.bfloat16)).astype(jnp.float32),
+                                    h.astype(jnp.bfloat16), t, chunk=seq)[0]
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        c = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile()
+    heads = sum(aot.hlo_flops(c.as_text()).collective_bytes.values()) / (d * vocab * 2)
+    assert heads <= 6, heads
+
+
+def test_lm_head_is_gathered_once_before_the_chunked_loss(v5e4):
+    """Under FSDP, loss_sums hands the chunk scan a head already cast to bf16 and gathered, so XLA
+    does not gather it again in every chunk (forward, remat and backward)."""
+    from flax import nnx
+
+    from mufun_jax.aot.topology import topology_mesh
+    from mufun_jax.checkpoint import abstract_model, abstract_params
+    from mufun_jax.config import RunSettings
+    from mufun_jax.loss import gather_lm_head
+
+    mesh = topology_mesh(v5e4, 1, -1, 1)
+    model = abstract_model(preset("mufun-tiny"), RunSettings(dtype="bfloat16"))
+    graphdef, state = nnx.graphdef(model), abstract_params(model, mesh)
+
+    def head(st):
+        m = nnx.merge(graphdef, st)
+        gather_lm_head(m)
+        lm = m.language_model
+        return (lm.embed_tokens.embedding if lm.lm_head is None else lm.lm_head.kernel)[...]
+
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        compiled = jax.jit(head).lower(state).compile()
+    out = compiled.out_info
+    assert out.dtype == jnp.bfloat16
+    assert "fsdp" not in str(compiled.output_shardings.spec), compiled.output_shardings
+    # without a mesh nothing changes: the stored fp32 head
+    assert jax.eval_shape(head, state).dtype == jnp.float32
+
+
 def test_out_of_memory_is_reported_not_raised():
     from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -134,6 +219,9 @@ def test_8b_model_flops_are_6nd_plus_attention():
     assert flops.train_flops(cfg, full, 0, [seq] * rows) == pytest.approx(6 * n_llm * rows * seq + attn)
     # warmup: the frozen LLM still runs backward (input gradients) for the connector: 4ND, not 2ND
     assert flops.train_flops(cfg, warm, 0, [seq] * rows) == pytest.approx(4 * n_llm * rows * seq + attn)
+    # the LLM trained alone (text only, frozen modules before it): still 6ND, its layers pass input gradients
+    llm = {"whisper": "frozen", "connector": "frozen", "llm": "full"}
+    assert flops.train_flops(cfg, llm, 0, [seq] * rows) == pytest.approx(6 * n_llm * rows * seq + attn)
     # Whisper counts the layers up to the deepest tap: 32 of 32 for MuFun, 15 with taps ending at 15
     w = flops.forward_flops(cfg, 1, [])["enc_a"]
     short = flops.forward_flops(cfg.replace(taps=(0, 7, 15), connector_type="blp_3i_2x"), 1, [])["enc_a"]
@@ -246,3 +334,26 @@ def test_splash_attention_in_the_models_under_a_mesh_matches_xla():
     r = subprocess.run([sys.executable, "-c", WIRING], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0 and "WIRING_OK" in r.stdout, r.stdout + r.stderr[-4000:]
+
+
+def test_tpu_vs_maxtext_roofline_and_missing_maxtext():
+    """bench/tpu_vs_maxtext.py: the roofline arithmetic on a made-up result, and a clear exit 2
+    where MaxText is not installed (this venv: make bench-tpu builds the one that has it)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import tpu_vs_maxtext as tvm
+    finally:
+        sys.path.pop(0)
+    tokens = 3 * 4096
+    r = tvm.analyse(dict(case="x", side="llm", topology="v5p-128", per_chip=3, remat="full", seq=4096, fits=True,
+                         peak_bytes=10 * 2**30, temp_bytes=9 * 2**30, hlo_flops=459e12, kernel_calls=0,
+                         hbm_access_bytes=2765e9 * 2, link_bytes=600e9 * 0.5, collective_bytes={"all-gather": 1e9}))
+    assert r["compute_s"] == pytest.approx(1.0) and r["memory_s"] == pytest.approx(2.0)
+    assert r["ici_s"] == pytest.approx(0.5) and r["step_s"] == pytest.approx(2.5)
+    assert r["mfu_bound"] == pytest.approx(r["model_flops"] / (2.5 * 459e12))
+    assert r["tokens_per_s_chip"] == pytest.approx(tokens / 2.5)
+    assert r["model_flops"] / tokens == pytest.approx(49.0e9, rel=0.01)  # 6ND + attention for Qwen3-8B
+    assert "| x | llm | v5p-128 | 3 |" in tvm.table([r])
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "tpu_vs_maxtext.py"), "--cases", "maxtext_v5p_3"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and "make bench-tpu" in out.stderr, out.stderr

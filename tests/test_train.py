@@ -16,7 +16,8 @@ from mufun_jax.data.packing import PackConfig, pack_batches
 from mufun_jax.sharding import make_mesh
 from mufun_jax.splice import expand_placeholders
 from mufun_jax.train_config import TrainConfig
-from mufun_jax.train_lib import Trainer, loss_sums, nll_sums, next_token_targets
+from mufun_jax.loss import loss_sums, nll_sums, next_token_targets
+from mufun_jax.train_lib import Trainer
 from torch_reference import TorchMuFun
 
 CFG = small_cfg()

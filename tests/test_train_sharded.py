@@ -1,5 +1,6 @@
 """The sharded train step equals the single-device step, on 8 simulated CPU devices (fsdp=8;
-data=2 x fsdp=4; fsdp=4 x tensor=2), with gradient accumulation and a frozen module; with the
+data=2 x fsdp=4; fsdp=4 x tensor=2), with gradient accumulation, a frozen module and the chunked loss
+(whose chunks depend on the rows per device); with the
 Pallas splash kernel (interpret mode) running per shard inside the real train step; and QLoRA."""
 
 import os
@@ -29,7 +30,7 @@ SCRIPT = textwrap.dedent(r"""
     cfg = small_cfg()
     tcfg = TrainConfig.from_dict(dict(max_steps=10, trainable={"whisper": "frozen", "connector": "full", "llm": "full"},
                                       optim=dict(lr=1e-3, warmup_ratio=0.0, grad_accum=2, eps=1e-2),
-                                      data=dict(batch_size=8, seq_len=400, max_chunks=8)))
+                                      data=dict(batch_size=8, seq_len=400, max_chunks=8), loss_chunk=256))
     batches = list(pack_batches(make_samples(np.random.default_rng(0), 40), PackConfig(batch_size=8, seq_len=400,
                                                                                        max_chunks=8)))
     steps = [batches[0:2], batches[2:4]]

@@ -19,6 +19,7 @@ def main(argv=None) -> int:
     t.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     t.add_argument("--attention-impl", default=None, help="override the config's attention backend (its auto is "
                                                           "splash on TPU)")
+    t.add_argument("--text-only", action="store_true", help="a batch without audio: the LLM alone")
     i = sub.add_parser("infer", help="the prefill and one decode step of batched inference")
     i.add_argument("--batch", type=int, required=True, help="rows per batch")
     i.add_argument("--context", type=int, required=True, help="prompt length (tokens, audio slots included)")
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
 
             cfg = TrainConfig.load(args.config, args.overrides)
             results = [compile_train(cfg, args.topology, num_slices=args.num_slices,
-                                     attention_impl=args.attention_impl)]
+                                     attention_impl=args.attention_impl, text_only=args.text_only)]
         else:
             model_cfg = None
             if args.init_from:

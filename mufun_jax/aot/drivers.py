@@ -52,6 +52,9 @@ class AotResult:
     kernel_calls: int = 0  # Pallas custom-call sites (their FLOPs are added from the model count)
     kernel_flops: float = 0.0  # attention FLOPs done inside kernels (analytic), included in compiled_flops
     unknown_trip_counts: int = 0
+    hbm_access_bytes: float = 0.0  # HBM bytes read + written per chip per step (roofline model, :mod:`.hlo`)
+    link_bytes: float = 0.0  # bytes each chip sends over ICI/DCN per step for collectives (ring model)
+    collective_bytes: dict = dataclasses.field(default_factory=dict)  # kind -> payload bytes per chip
     tokens: int = 0  # tokens per step (train: all micro-batches; prefill: batch x context; decode: batch)
     lower_s: float = 0.0
     compile_s: float = 0.0
@@ -129,6 +132,8 @@ def compile_step(result: AotResult, jitted, args, mesh, *, attention_flops: floa
     result.unknown_trip_counts = hf.unknown_trip_counts
     result.kernel_flops = attention_flops if hf.custom_calls else 0.0
     result.compiled_flops = hf.flops * result.chips + result.kernel_flops
+    result.hbm_access_bytes, result.link_bytes = hf.hbm_bytes, hf.link_bytes
+    result.collective_bytes = dict(hf.collective_bytes)
     result.fits = result.peak_bytes <= result.hbm_bytes
     return compiled
 
@@ -145,13 +150,14 @@ def train_model_config(cfg):
 
 
 def compile_train(cfg, topology: str | Topology, *, num_slices: int = 1, attention_impl: str | None = None,
-                  model_cfg=None, keep=None) -> AotResult:
+                  model_cfg=None, keep=None, text_only: bool = False) -> AotResult:
     """AOT-compile ``Trainer.train_step`` for ``cfg`` (a :class:`TrainConfig`) on a TPU topology.
 
     The state comes from ``Trainer.abstract_state()`` and the batch is abstract
     ``(grad_accum, rows, ...)`` arrays with ``Trainer.batch_sharding``: nothing is allocated.
     ``attention_impl`` overrides the config's run setting (its ``auto`` is splash on TPU).
-    ``keep`` (a dict) receives the compiled executable under ``"compiled"``."""
+    ``keep`` (a dict) receives the compiled executable under ``"compiled"``. ``text_only`` compiles
+    a batch without audio (the LLM alone; ``data.max_chunks`` is ignored)."""
     import jax
     import jax.numpy as jnp
 
@@ -175,16 +181,20 @@ def compile_train(cfg, topology: str | Topology, *, num_slices: int = 1, attenti
             for k in ("input_ids", "labels", "audio_slots", "positions", "segment_ids")}
     batch = {**rows, "waves": jax.ShapeDtypeStruct((a, d.max_chunks, audio.CHUNK_SAMPLES), jnp.float32, sharding=sh),
              "chunk_mask": jax.ShapeDtypeStruct((a, d.max_chunks), jnp.bool_, sharding=sh)}
+    chunks = 0 if text_only else d.max_chunks
+    if text_only:
+        batch = {k: v for k, v in batch.items() if k not in ("waves", "chunk_mask", "audio_slots")}
     result = AotResult("train", topo.name, topo.num_slices, topo.chips, dict(mesh.shape), topo.hbm_bytes, False)
     result.tokens = a * d.batch_size * d.seq_len
     seq_lens = [d.seq_len] * d.batch_size
-    result.model_flops = a * flops.train_flops(model_cfg, cfg.trainable, d.max_chunks, seq_lens)
+    result.model_flops = a * flops.train_flops(model_cfg, cfg.trainable, chunks, seq_lens)
     result.detail = (f"rows {d.batch_size} x seq {d.seq_len} x accum {a} (global batch {d.batch_size * a}), "
-                     f"{d.max_chunks} chunks/micro-batch; trainable {cfg.trainable}; remat {run.remat_policy}; "
+                     f"{'text only' if text_only else f'{chunks} chunks/micro-batch'}; trainable {cfg.trainable}; "
+                     f"remat {run.remat_policy}; "
                      f"attention {run.attention_impl}; loss_chunk {cfg.loss_chunk}; "
                      f"{run.dtype} compute, {run.param_dtype} params")
     kernel = run.attention_impl in ("auto", "splash", "pallas_tpu")  # auto is splash on TPU
-    attn = a * _kernel_attention_flops(model_cfg, cfg.trainable, run.remat_policy, d.max_chunks, seq_lens) \
+    attn = a * _kernel_attention_flops(model_cfg, cfg.trainable, run.remat_policy, chunks, seq_lens) \
         if kernel else 0.0
     compiled = compile_step(result, trainer.train_step, (state, batch), mesh, attention_flops=attn)
     if kernel and compiled is not None:

@@ -1,8 +1,12 @@
-"""Matmul FLOPs of an optimised, SPMD-partitioned HLO module, with loops multiplied out.
+"""Matmul FLOPs, HBM traffic and collective bytes of an optimised, SPMD-partitioned HLO module,
+with loops multiplied out.
 
 ``compiled.cost_analysis()`` counts a ``while`` body once, which for scanned layers undercounts by
 the layer count; this counter reads the HLO text, follows fusions and calls, and multiplies each
-loop body by its trip count.
+loop body by its trip count. The byte counts are a roofline model, not a simulation: each
+top-level instruction (a fusion counts as one) reads its operands from HBM and writes its result,
+except that a slice of a larger buffer reads only the slice and an in-place update writes only the
+update; collectives are counted separately, by the bytes each device sends over a ring.
 """
 
 from __future__ import annotations
@@ -33,6 +37,123 @@ class HloFlops:
     flops: float  # matmul FLOPs per device, while loops multiplied by their trip counts
     custom_calls: int  # Pallas kernel (tpu_custom_call) sites: their FLOPs are not in ``flops``
     unknown_trip_counts: int  # while loops whose trip count could not be read (counted once)
+    hbm_bytes: float = 0.0  # bytes read + written by top-level instructions, per device
+    collective_bytes: dict = dataclasses.field(default_factory=dict)  # kind -> payload bytes per device
+    link_bytes: float = 0.0  # bytes each device sends over ICI for those collectives (ring algorithms)
+
+
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "s4": 0.5, "u4": 0.5}
+_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "conditional", "call",
+               "after-all", "partition-id", "replica-id", "opt-barrier", "async-start", "async-update", "async-done",
+               "all-gather-done", "all-reduce-done", "collective-permute-done", "copy-done", "send-done",
+               "recv-done", "add-dependency", "domain"}
+_COLLECTIVES = {"all-gather": "all-gather", "all-gather-start": "all-gather", "reduce-scatter": "reduce-scatter",
+                "all-reduce": "all-reduce", "all-reduce-start": "all-reduce", "all-to-all": "all-to-all",
+                "ragged-all-to-all": "all-to-all", "collective-permute": "collective-permute",
+                "collective-permute-start": "collective-permute"}
+
+
+_SHAPE_LAYOUT = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\](\{[^}]*\})?")
+
+
+def _bytes(type_str: str, hbm_only: bool = True) -> float:
+    """HBM bytes of a shape or of every shape in a tuple type (f8 types: 1 byte); buffers that TPU
+    XLA placed in on-chip VMEM (layout memory space ``S(1)``) are not HBM traffic."""
+    total = 0.0
+    for m in _SHAPE_LAYOUT.finditer(type_str):
+        if hbm_only and m.group(3) and "S(1)" in m.group(3):
+            continue
+        dt = m.group(1)
+        size = _BYTES.get(dt, 1 if dt.startswith("f8") else 4)
+        total += size * math.prod(int(x) for x in m.group(2).split(",") if x)
+    return total
+
+
+def _group_size(attrs: str, devices: int) -> int:
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)  # iota form: [groups, size]<=[devices]
+    if m:
+        return int(m.group(2))
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)  # mesh['a'=4,'b'=16] {'b'}
+    if m:
+        sizes = {k.strip(" '\""): int(v) for k, v in (x.split("=") for x in m.group(1).split(",") if "=" in x)}
+        return max(math.prod(sizes.get(a.strip(" '\""), 1) for a in m.group(2).split(",") if a.strip()), 1)
+    m = re.search(r"replica_groups=\{\{([0-9,]*)\}", attrs)
+    if m:
+        return max(len([x for x in m.group(1).split(",") if x]), 1)
+    if "source_target_pairs" in attrs:
+        return 2
+    return max(devices, 1)
+
+
+def _collective(ins: _Instr, shapes: dict, devices: int) -> tuple[str, float, float]:
+    """(kind, payload bytes per device, bytes each device sends in a ring algorithm)."""
+    kind = _COLLECTIVES[ins.opcode]
+    payload = sum(_bytes(shapes.get(o, ""), hbm_only=False) for o in ins.operands)
+    n = _group_size(ins.attrs, devices)
+    sent = {"all-gather": payload * (n - 1), "reduce-scatter": payload * (n - 1) / n,
+            "all-reduce": 2 * payload * (n - 1) / n, "all-to-all": payload * (n - 1) / n,
+            "collective-permute": payload}[kind]
+    return kind, payload * (n if kind == "all-gather" else 1), sent
+
+
+def _param_read(comps: dict, fused: list, idx: int, full: float, depth: int = 0) -> float:
+    """Bytes a fused computation reads of its parameter ``idx`` (``full`` bytes): only the slices
+    that dynamic-slice / slice / gather take, nothing for the buffer of an in-place
+    dynamic-update-slice, following bitcasts and nested fusions."""
+    names = {i.name for i in fused if i.opcode == "parameter" and i.operands[:1] == [str(idx)]}
+    total = 0.0
+    for _ in range(8):  # bitcasts of the parameter read the same buffer
+        more = {i.name for i in fused if i.opcode == "bitcast" and i.operands and i.operands[0] in names}
+        if more <= names:
+            break
+        names |= more
+    for u in fused:
+        for k, o in enumerate(u.operands):
+            if o not in names or u.opcode == "bitcast":
+                continue
+            if u.opcode in ("dynamic-slice", "slice", "gather") and k == 0:
+                total += _bytes(u.type)
+            elif u.opcode == "dynamic-update-slice" and k == 0:
+                pass  # updated in place
+            elif u.opcode == "fusion" and depth < 4:
+                m = re.search(r"calls=%?([\w.\-]+)", u.attrs)
+                inner = comps.get(m.group(1)) if m else None
+                total += full if inner is None else _param_read(comps, inner, k, full, depth + 1)
+            else:
+                return full
+    return min(total, full)
+
+
+def _fusion_bytes(ins: _Instr, fused: list, shapes: dict, comps: dict) -> float:
+    """HBM bytes of one fusion: each operand read once (:func:`_param_read`); the result written
+    once, or only the update of a root dynamic-update-slice."""
+    local = {i.name: i for i in fused}
+    total = sum(_param_read(comps, fused, k, _bytes(shapes.get(o, ""))) for k, o in enumerate(ins.operands))
+    root = fused[-1] if fused else None
+    outs = [local.get(o) for o in root.operands] if root is not None and root.opcode == "tuple" else [root]
+    for o in outs:
+        while o is not None and o.opcode == "bitcast" and o.operands and o.operands[0] in local:
+            o = local[o.operands[0]]
+        if o is not None and o.opcode == "dynamic-update-slice" and len(o.operands) > 1:
+            total += _bytes(local[o.operands[1]].type) if o.operands[1] in local else 0.0
+        elif o is not None:
+            total += _bytes(o.type)
+    return total
+
+
+def _instr_bytes(ins: _Instr, shapes: dict, comps: dict) -> float:
+    if ins.opcode in _NO_TRAFFIC or ins.opcode.endswith("-done"):
+        return 0.0
+    if ins.opcode == "fusion":
+        m = re.search(r"calls=%?([\w.\-]+)", ins.attrs)
+        if m and m.group(1) in comps:
+            return _fusion_bytes(ins, comps[m.group(1)], shapes, comps)
+    if ins.opcode in ("dynamic-slice", "slice", "gather"):
+        return 2 * _bytes(ins.type)
+    if ins.opcode == "dynamic-update-slice" and len(ins.operands) > 1:
+        return 2 * _bytes(shapes.get(ins.operands[1], ""))
+    return _bytes(ins.type) + sum(_bytes(shapes.get(o, "")) for o in ins.operands)
 
 
 def _dims(type_str: str) -> list[int]:
@@ -176,54 +297,74 @@ def _trip_count(ins: _Instr, comps: dict, local: dict) -> int | None:
     return max(limit - start + (direction == "LE"), 0)
 
 
+def _devices(hlo_text: str) -> int:
+    m = re.search(r"num_partitions=(\d+)", hlo_text[:2000])
+    return int(m.group(1)) if m else 1
+
+
 def hlo_flops(hlo_text: str) -> HloFlops:
     """Matmul (dot + convolution) FLOPs per device of an optimised, SPMD-partitioned HLO module,
     following fusions and calls, with each ``while`` body times its trip count and the most
-    expensive branch of each conditional. Elementwise work is not counted; custom calls (Pallas
-    kernels) are counted as sites only."""
+    expensive branch of each conditional; also the HBM bytes and collective bytes per device (see
+    the module docstring). Elementwise work is not counted in FLOPs; custom calls (Pallas kernels)
+    are counted as sites only, and their operands and results as HBM traffic."""
     comps, entry = _parse_module(hlo_text)
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text")
-    memo: dict[str, tuple[float, int, int]] = {}
+    devices = _devices(hlo_text)
+    zero = lambda: HloFlops(0.0, 0, 0, 0.0, {}, 0.0)
+    memo: dict[tuple[str, bool], HloFlops] = {}
 
-    def visit(comp: str) -> tuple[float, int, int]:
-        if comp in memo:
-            return memo[comp]
-        memo[comp] = (0.0, 0, 0)
+    def visit(comp: str, fused: bool) -> HloFlops:
+        if (comp, fused) in memo:
+            return memo[(comp, fused)]
+        memo[(comp, fused)] = zero()
         local = {i.name: i for i in comps.get(comp, [])}
         shapes = {k: i.type for k, i in local.items()}
-        flops, calls, unknown = 0.0, 0, 0
+        acc = zero()
 
-        def add(r, n=1):
-            nonlocal flops, calls, unknown
-            flops, calls, unknown = flops + n * r[0], calls + r[1], unknown + r[2]
+        def add(r: HloFlops, n: int = 1):
+            acc.flops += n * r.flops
+            acc.custom_calls += r.custom_calls
+            acc.unknown_trip_counts += r.unknown_trip_counts
+            acc.hbm_bytes += n * r.hbm_bytes
+            acc.link_bytes += n * r.link_bytes
+            for k, v in r.collective_bytes.items():
+                acc.collective_bytes[k] = acc.collective_bytes.get(k, 0.0) + n * v
 
         for ins in comps.get(comp, []):
             if ins.opcode == "convolution":
-                flops += _conv_flops(ins, shapes)
+                acc.flops += _conv_flops(ins, shapes)
             elif ins.opcode == "dot":
-                flops += _dot_flops(ins, shapes)
+                acc.flops += _dot_flops(ins, shapes)
             elif ins.opcode == "custom-call" and "tpu_custom_call" in ins.attrs:
-                calls += 1  # a Pallas (Mosaic) kernel
+                acc.custom_calls += 1  # a Pallas (Mosaic) kernel
+            elif ins.opcode in _COLLECTIVES:
+                kind, payload, sent = _collective(ins, shapes, devices)
+                acc.collective_bytes[kind] = acc.collective_bytes.get(kind, 0.0) + payload
+                acc.link_bytes += sent
+            if not fused:
+                acc.hbm_bytes += _instr_bytes(ins, shapes, comps)
             if ins.opcode == "while":
                 n = _trip_count(ins, comps, local)
-                unknown += n is None
+                acc.unknown_trip_counts += n is None
                 for key in ("body", "condition"):
                     m = re.search(rf"\b{key}=%?([\w.\-]+)", ins.attrs)
                     if m:
-                        add(visit(m.group(1)), 1 if n is None else n)
+                        add(visit(m.group(1), False), 1 if n is None else n)
                 continue
             if ins.opcode in _COMBINERS:
                 continue
             called = [m.group(2) for m in _CALLS.finditer(ins.attrs)]
             for m in _LISTS.finditer(ins.attrs):
                 called += [c.strip().lstrip("%") for c in m.group(1).split(",") if c.strip()]
+            inner = fused or ins.opcode == "fusion"
             if ins.opcode == "conditional":
-                add(max((visit(c) for c in called), key=lambda r: r[0], default=(0.0, 0, 0)))
+                add(max((visit(c, inner) for c in called), key=lambda r: (r.flops, r.hbm_bytes), default=zero()))
             else:
                 for c in called:
-                    add(visit(c))
-        memo[comp] = (flops, calls, unknown)
-        return memo[comp]
+                    add(visit(c, inner))
+        memo[(comp, fused)] = acc
+        return acc
 
-    return HloFlops(*visit(entry))
+    return visit(entry, False)

@@ -23,7 +23,10 @@ class TpuSpec:
     architecture pages' figures (cloud.google.com/tpu/docs/v5p, /v6e, /v5e): v5p 95 GB HBM2e and
     459 bf16 TFLOP/s; v6e (Trillium) 32 GB and 918; v5e 16 GB and 197. ``usable_gib`` is what
     libtpu's compiler lets a program use (its out-of-memory message quotes it: 95.74, 31.25 and
-    15.75 GiB with libtpu 0.0.42); fitting is judged against it."""
+    15.75 GiB with libtpu 0.0.42); fitting is judged against it. ``hbm_gbs`` and ``ici_gbs`` (HBM
+    bandwidth and bidirectional inter-chip bandwidth, GB/s per chip) are the same pages' figures,
+    used by the roofline of bench/tpu_vs_maxtext.py: v5p 2765 and 1200, v6e 1638 and 800, v5e 819
+    and 400."""
 
     kind: str  # the prefix of a topology name in get_topology_desc: "v5", "v6e", "v5e"
     chip_config: str  # "megacore" (v5p: the two TensorCores of a chip are one device) or "default"
@@ -31,12 +34,14 @@ class TpuSpec:
     usable_gib: float
     bf16_tflops: float
     chips_per_host: tuple[int, int, int]
+    hbm_gbs: float = 0.0
+    ici_gbs: float = 0.0
 
 
 TPU_SPECS = {
-    "v5p": TpuSpec("v5", "megacore", 95.0, 95.74, 459.0, (2, 2, 1)),
-    "v6e": TpuSpec("v6e", "default", 32.0, 31.25, 918.0, (2, 2, 1)),
-    "v5e": TpuSpec("v5e", "default", 16.0, 15.75, 197.0, (2, 2, 1)),
+    "v5p": TpuSpec("v5", "megacore", 95.0, 95.74, 459.0, (2, 2, 1), hbm_gbs=2765.0, ici_gbs=1200.0),
+    "v6e": TpuSpec("v6e", "default", 32.0, 31.25, 918.0, (2, 2, 1), hbm_gbs=1638.0, ici_gbs=800.0),
+    "v5e": TpuSpec("v5e", "default", 16.0, 15.75, 197.0, (2, 2, 1), hbm_gbs=819.0, ici_gbs=400.0),
 }
 
 # Cloud TPU slice names -> (generation, physical topology). v5p slices are named by TensorCores

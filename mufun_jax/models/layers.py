@@ -45,7 +45,16 @@ def active_mesh():
     return mesh
 
 
-def shard_activation(x, axes: Sequence[str | None]):
+def gather_fsdp(x, axes: Sequence[str | None]):
+    """``x`` (a weight with these logical axes) all-gathered over the ``fsdp`` mesh axis, its other
+    splits (``tensor``) kept; ``x`` unchanged without a mesh."""
+    from mufun_jax.sharding import DEFAULT_RULES
+
+    drop = lambda v: tuple(a for a in ((v,) if isinstance(v, str) else v or ()) if a != "fsdp") or None
+    return shard_activation(x, axes, tuple((k, drop(v)) for k, v in DEFAULT_RULES))
+
+
+def shard_activation(x, axes: Sequence[str | None], rules=None):
     """``with_sharding_constraint`` from logical axes (``('batch', None, 'mlp')``) when a mesh is
     active, else ``x`` unchanged. Without it XLA may keep the batch of the activations unsharded
     under FSDP (the weights use the fsdp axis for their width). A mesh axis that does not divide
@@ -58,7 +67,7 @@ def shard_activation(x, axes: Sequence[str | None]):
     from mufun_jax.sharding import logical_to_spec
 
     spec = []
-    for dim, entry in zip(x.shape, logical_to_spec(axes)):
+    for dim, entry in zip(x.shape, logical_to_spec(axes) if rules is None else logical_to_spec(axes, rules)):
         names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
         names = tuple(n for n in names if mesh.shape[n] > 1)
         while names and dim % math.prod(mesh.shape[n] for n in names):
