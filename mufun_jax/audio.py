@@ -14,6 +14,7 @@ Where the reference is defective we do what it intends: a segment ``[0, 30.0]`` 
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -64,6 +65,12 @@ def _decode_av(path: Path) -> tuple[np.ndarray, int]:
     return (np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)), sr
 
 
+# np.load parses the .npy header with ast.literal_eval, and CPython 3.11's AST constructor is not
+# safe across threads: grain's reader threads then failed a valid file now and then with
+# "SystemError: AST constructor recursion depth mismatch" (seen in tests/test_loader.py).
+_NPY_LOCK = threading.Lock()
+
+
 def decode(path: str | Path) -> tuple[np.ndarray, int]:
     """Mono float32 samples at the file's own rate. ``.npy`` is a raw 16 kHz waveform."""
     path = Path(path)
@@ -72,7 +79,8 @@ def decode(path: str | Path) -> tuple[np.ndarray, int]:
     ext = path.suffix.lower()
     try:
         if ext == ".npy":
-            x = np.load(path, allow_pickle=False)
+            with _NPY_LOCK:
+                x = np.load(path, allow_pickle=False)
             if x.ndim == 2:  # (channels, samples) or (samples, channels): mix down the short axis
                 x = x.mean(axis=int(np.argmin(x.shape)))
             if x.ndim != 1 or not np.issubdtype(x.dtype, np.floating):
