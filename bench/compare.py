@@ -763,7 +763,7 @@ def ours_prof_child(s: Settings, workdir: str):
     from flax import nnx
 
     from mufun_jax.models import MuFun
-    from mufun_jax.loss import nll_sums
+    from mufun_jax.loss import fused_nll_sums
 
     cfg = model_config(s)
     model = MuFun(cfg, run_settings(s), rngs=nnx.Rngs(0))
@@ -777,7 +777,7 @@ def ours_prof_child(s: Settings, workdir: str):
     lm_gd, lm_st = nnx.split(model.language_model)
     enc_loss = lambda st, x: sum(jnp.sum(y) for y in nnx.merge(enc_gd, st)(x))
     lm_loss = lambda st, x: jnp.sum(nnx.merge(lm_gd, st).hidden_states(x, segment_ids=seg)[0])
-    head_loss = lambda st, x: nll_sums(nnx.merge(lm_gd, st).logits, x, tgt)[0]
+    head_loss = lambda st, x: fused_nll_sums(nnx.merge(lm_gd, st).head_matrix(), x, tgt)[0]  # as training
     fns = {
         "whisper forward": (jax.jit(enc_loss), (enc_st, mel)),
         "whisper forward+backward": (jax.jit(jax.value_and_grad(enc_loss)), (enc_st, mel)),

@@ -16,7 +16,7 @@ from mufun_jax.data.packing import PackConfig, pack_batches
 from mufun_jax.sharding import make_mesh
 from mufun_jax.splice import expand_placeholders
 from mufun_jax.train_config import TrainConfig
-from mufun_jax.loss import loss_sums, nll_sums, next_token_targets
+from mufun_jax.loss import fused_nll_sums, loss_sums, nll_sums, next_token_targets
 from mufun_jax.train_lib import Trainer
 from torch_reference import TorchMuFun
 
@@ -95,6 +95,68 @@ def test_chunked_loss_equals_full_loss_and_gradients():
     assert rel_err(chunked[0], full[0]) < 1e-6
     assert rel_err(chunked[1], full[1]) < 1e-5
     assert float(nll_sums(model.logits, h, t, chunk=8)[1]) == float(jnp.sum(t != IGNORE_INDEX))
+
+
+@pytest.mark.parametrize("chunk", [0, 8])
+def test_fused_loss_equals_plain_cross_entropy_and_its_gradients(chunk):
+    """The fused loss takes its gradients in the forward pass; value and gradients (hidden states
+    and head) must equal autodiff of a plain log-softmax cross-entropy. fp32, tolerance 1e-5."""
+    rng = np.random.default_rng(4)
+    d, vocab = 24, 97
+    h = jnp.asarray(rng.standard_normal((3, 29, d)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((d, vocab)) / 5, jnp.float32)
+    t = jnp.asarray(np.where(rng.random((3, 29)) < 0.3, IGNORE_INDEX, rng.integers(0, vocab, (3, 29))))
+
+    def plain(w, h):
+        logp = jax.nn.log_softmax(h @ w, axis=-1)
+        gold = jnp.take_along_axis(logp, jnp.maximum(t, 0)[..., None], axis=-1)[..., 0]
+        return -jnp.sum(jnp.where(t != IGNORE_INDEX, gold, 0.0))
+
+    want, (gw, gh) = jax.value_and_grad(plain, argnums=(0, 1))(w, h)
+    got, (fw, fh) = jax.value_and_grad(lambda w, h: 2.0 * fused_nll_sums(w, h, t, chunk)[0], argnums=(0, 1))(w, h)
+    assert rel_err(got, 2 * want) < 1e-6  # the factor 2 checks that the cotangent scales the gradients
+    assert rel_err(fw, 2 * gw) < 1e-5 and rel_err(fh, 2 * gh) < 1e-5
+    s, n = jax.jit(fused_nll_sums, static_argnums=3)(w, h, t, chunk)  # no gradient: the plain scan
+    assert rel_err(s, want) < 1e-6 and float(n) == float(jnp.sum(t != IGNORE_INDEX))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_head_matrix_gives_the_models_logits(tied):
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, qwen3=dataclasses.replace(CFG.qwen3, tie_word_embeddings=tied))
+    from mufun_jax.models import MuFun
+    from flax import nnx
+
+    model = MuFun(cfg, rngs=nnx.Rngs(0))
+    h = jnp.asarray(np.random.default_rng(5).standard_normal((2, 5, cfg.qwen3.hidden_size)), jnp.float32)
+    assert rel_err(h @ model.head_matrix(), model.logits(h)) < 1e-6
+
+
+def test_fused_loss_runs_three_vocabulary_matmuls_not_four():
+    """The gradient of the chunked loss needs the logits, d hidden and d head. ``nll_sums`` asks
+    for the logits twice (forward and remat; XLA on TPU keeps both, see docs/tpu.md), the fused
+    loss once. Counted in the differentiated program, before XLA."""
+    d, vocab = 16, 101
+    h, w, t = jnp.zeros((2, 24, d)), jnp.zeros((d, vocab)), jnp.zeros((2, 24), jnp.int32)
+
+    def vocab_dots(f):
+        def walk(jaxpr):
+            n = 0
+            for eqn in jaxpr.eqns:
+                shapes = [v.aval.shape for v in (*eqn.invars, *eqn.outvars) if hasattr(v.aval, "shape")]
+                n += eqn.primitive.name == "dot_general" and any(vocab in s for s in shapes)
+                n += sum(walk(j.jaxpr if hasattr(j, "jaxpr") else j) for j in jax.extend.core.jaxprs_in_params(eqn.params))
+            return n
+        return walk(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(w, h).jaxpr)
+
+    assert vocab_dots(lambda w, h: fused_nll_sums(w, h, t, 16)[0]) == 3
+    assert vocab_dots(lambda w, h: nll_sums(lambda x: x @ w, h, t, 16)[0]) == 4
+    # a frozen head (LoRA, the warmup stage): XLA drops the unused head gradient's matmul
+    from mufun_jax import aot
+
+    frozen = jax.jit(jax.grad(lambda h: fused_nll_sums(w, h, t, 16)[0])).lower(h).compile()
+    assert aot.hlo_flops(frozen.as_text()).flops == 2 * (2 * 2 * 24 * d * vocab)
 
 
 # -- steps -----------------------------------------------------------------------------------------

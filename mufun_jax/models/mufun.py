@@ -86,6 +86,10 @@ class MuFun(nnx.Module):
         """fp32 vocabulary logits of hidden states (any leading shape)."""
         return self.language_model.logits(hidden)
 
+    def head_matrix(self):
+        """The plain LM head matrix for the training loss, or None (see the language model's)."""
+        return self.language_model.head_matrix()
+
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache.init(self.cfg.qwen3, batch, max_len, dtype=self.dtype)
 

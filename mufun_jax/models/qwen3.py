@@ -22,7 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from mufun_jax.config import Qwen3Config
 from mufun_jax.models import attention as attention_lib
-from mufun_jax.models.layers import Embed, Linear, RMSNorm, shard_activation
+from mufun_jax.models.layers import Embed, Linear, RMSNorm, gather_fsdp, shard_activation
 from mufun_jax.models.scan import scan_layers, stack_layers
 
 
@@ -153,6 +153,18 @@ class Qwen3ForCausalLM(nnx.Module):
     def logits(self, hidden):
         out = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
         return out.astype(jnp.float32)
+
+    def head_matrix(self):
+        """The LM head as one plain (hidden, vocab) matrix in the compute dtype, gathered over
+        ``fsdp`` under a mesh, for the training loss (:func:`mufun_jax.loss.fused_nll_sums`). Cast
+        and gathered here, once per step: inside the loss's chunk scan XLA gathered it again for
+        every chunk. None for a quantised or adapted head, which goes through :meth:`logits`."""
+        head = self.embed_tokens if self.lm_head is None else self.lm_head
+        if any(getattr(head, a, None) is not None for a in ("kernel_scale", "embedding_scale", "lora_a")):
+            return None
+        w = head.embedding if self.lm_head is None else head.kernel
+        out = gather_fsdp(w[...].astype(self.dtype), w.get_metadata("logical_axes"))
+        return out.T if self.lm_head is None else out
 
     def hidden_states(self, inputs_embeds, positions=None, segment_ids=None, cache: KVCache | None = None,
                       span: int | None = None):
