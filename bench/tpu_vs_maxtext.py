@@ -41,13 +41,17 @@ sys.path.insert(0, str(ROOT))
 SEQ = 4096
 # (side, topology, per-chip batch, remat policy); MaxText's policies and ours have different names
 CASES = {}
-for _topo, _short, _batches in (("v5p-128", "v5p", (3, 12, 24)), ("v6e-64", "v6e", (3, 6, 8))):
+# the last entry per slice: each side's largest full-remat batch by the memory slope of the others
+for _topo, _short, _batches, _largest in (("v5p-128", "v5p", (3, 12, 24), ()),
+                                           ("v6e-64", "v6e", (3, 6, 8), (("maxtext", 11), ("llm", 14)))):
     for _b in _batches:
         CASES[f"maxtext_{_short}_{_b}"] = ("maxtext", _topo, _b, "full")
         CASES[f"llm_{_short}_{_b}"] = ("llm", _topo, _b, "full")
     CASES[f"maxtext_{_short}_{_batches[0]}_minimal"] = ("maxtext", _topo, _batches[0], "minimal")
     CASES[f"llm_{_short}_{_batches[0]}_dots"] = ("llm", _topo, _batches[0], "dots")
     CASES[f"mufun_{_short}_{_batches[0]}"] = ("mufun", _topo, _batches[0], "full")
+    for _side, _b in _largest:
+        CASES[f"{_side}_{_short}_{_b}"] = (_side, _topo, _b, "full")
 DEFAULT = list(CASES)
 
 
