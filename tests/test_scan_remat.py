@@ -61,3 +61,23 @@ def test_frozen_positional_table_is_not_a_param():
     params = nnx.state(model, nnx.Param)
     assert "embed_positions" not in params["encoder"]
     assert "embed_positions" in nnx.state(model)["encoder"]
+
+
+def test_dots_policies_save_the_blocked_attention_residuals(monkeypatch):
+    """Under ``dots_no_batch`` the blocked attention's output and log-sum-exp are saved, so the
+    backward pass of the encoder recomputes no attention forward: one ``exp`` (the softmax's)
+    fewer than with the plain JAX policy. The gradients are those of no remat (test above)."""
+    from mufun_jax.models import scan
+
+    def backward_exps(policy):
+        monkeypatch.setitem(scan.REMAT_POLICIES, "dots_no_batch", policy)
+        model = MuFun(preset("mufun-tiny"), RunSettings(remat_policy="dots_no_batch", attention_impl="blocked"),
+                      rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model.encoder)
+        mel = jnp.zeros((1, 128, 3000), jnp.float32)
+        f = lambda s: sum(jnp.sum(y) for y in nnx.merge(graphdef, s)(mel))
+        return str(jax.make_jaxpr(jax.linearize(f, state)[1])(state)).count("= exp ")
+
+    kept = backward_exps(scan.REMAT_POLICIES["dots_no_batch"])
+    plain = backward_exps(jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    assert kept == plain - 1
