@@ -92,7 +92,7 @@ def resolve(impl: str, dtype=jnp.float32) -> tuple[str, bool]:
     if impl == "splash_interpret":
         return "splash", True
     if impl == "auto":
-        platform = _target_platform()
+        platform = target_platform()
         if platform == "tpu":
             return "splash", False
         if platform == "gpu" and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16):
@@ -137,7 +137,7 @@ def _per_shard(fn, q, k, v, segment_ids):
     return jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=qs, check_vma=False)(*args)
 
 
-def _target_platform() -> str:
+def target_platform() -> str:
     """The platform being compiled for: the active mesh's (AOT for a TPU topology from a CPU host
     sets a TPU mesh), else the default backend."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -260,9 +260,9 @@ def _splash_kernel(num_heads: int, q_len: int, kv_len: int, block_q: int, block_
 def _splash_attention(q, k, v, segment_ids, causal, interpret):
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
-    if not interpret and _target_platform() != "tpu":
+    if not interpret and target_platform() != "tpu":
         raise ValueError(f"attention implementation 'pallas_tpu' needs a TPU (compiling for "
-                         f"{_target_platform()!r}); pass interpret=True to run the kernel in Pallas "
+                         f"{target_platform()!r}); pass interpret=True to run the kernel in Pallas "
                          f"interpret mode, or use implementation='xla'")
     b, t, n, d = q.shape
     s = k.shape[1]
