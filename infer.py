@@ -3,7 +3,7 @@
 
 import sys
 
-from mufun_jax.cli import infer_main
+from mufun_jax.cli import infer_entry
 
 if __name__ == "__main__":
-    sys.exit(infer_main())
+    infer_entry()

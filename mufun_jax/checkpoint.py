@@ -98,6 +98,7 @@ def _orbax():
     ctx.array.saving.storage_options.chunk_byte_size = 16 << 20
     ctx.array.saving.storage_options.shard_axes = (0,)  # chunks split by layer first: export reads one layer
     ctx.memory.deepcopy_host_arrays = False
+    _quiet_abandoned_reads()
     flt = _DropOcdbtNotices()
     absl_logger = logging.getLogger("absl")
     absl_logger.addFilter(flt)
@@ -214,13 +215,80 @@ def _release_freed_memory() -> None:
 
 
 def param_metadata(path) -> dict[ParamPath, tuple[tuple[int, ...], np.dtype]]:
-    """Shape and dtype of every stored parameter, without reading any."""
+    """Shape and dtype of every stored parameter, without reading any. A parameter whose files are
+    gone or damaged raises CheckpointError naming it (Orbax itself then reports an empty tree)."""
     import jax
 
-    with _orbax() as ocp:
-        meta = ocp.metadata(location(path) / PARAMS_DIR).metadata
+    try:
+        with _orbax() as ocp:
+            meta = ocp.metadata(location(path) / PARAMS_DIR).metadata
+    except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types; name the broken file
+        _raise_broken(path, e)
     flat = jax.tree_util.tree_flatten_with_path(meta, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {tuple(k.key for k in kp): (tuple(v.shape), np.dtype(v.dtype)) for kp, v in flat}
+    out = {tuple(k.key for k in kp): (tuple(v.shape), np.dtype(v.dtype)) for kp, v in flat}
+    if len(out) < len(_stored_names(path) or ()):
+        _raise_broken(path, None)
+    return out
+
+
+def _stored_names(path) -> list[ParamPath] | None:
+    """The parameter names the checkpoint's own index (``params/state/_METADATA``) lists, or None
+    when that index is unreadable or of another layout."""
+    try:
+        tree = json.loads((location(path) / PARAMS_DIR / "state" / "_METADATA").read_text())["tree_metadata"]
+        return [tuple(k["key"] for k in v["key_metadata"]) for v in tree.values()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _quiet_abandoned_reads() -> None:
+    """After a failed load, Orbax's other reads are abandoned: their coroutines and TensorStore's
+    callbacks into its closed event loop each print a traceback ("Event loop is closed") through
+    ``sys.unraisablehook``, hundreds of lines under the one error that matters. Drop those two kinds."""
+    import sys
+
+    previous = sys.unraisablehook
+    if getattr(previous, "_mufun_quiet", False):
+        return
+
+    def hook(u):
+        if (isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)) or \
+                "orbax" in repr(getattr(u, "object", None)):
+            return
+        previous(u)
+
+    hook._mufun_quiet = True
+    sys.unraisablehook = hook
+
+
+def _raise_broken(path, cause: Exception | None, read_data: bool = False):
+    """Find the first parameter whose files cannot be read and raise CheckpointError naming it and
+    the file; re-raise ``cause`` (as CheckpointError) when every file looks intact. With
+    ``read_data`` each array is read whole (on the error path only: it costs a full read)."""
+    names = _stored_names(path)
+    state = location(path) / PARAMS_DIR / "state"
+    if names is None:
+        raise CheckpointError(f"{path}: the parameter index {state / '_METADATA'} is missing or damaged; the model "
+                              "directory is incomplete (convert or export it again)") from cause
+    for name in names:
+        leaf = state / ".".join(name)
+        what = f"{path}: parameter {'.'.join(name)} is unreadable"
+        if not isinstance(leaf, Path):
+            break
+        try:
+            json.loads((leaf / "zarr.json").read_text())
+        except FileNotFoundError:
+            raise CheckpointError(f"{what}: {leaf / 'zarr.json'} does not exist") from cause
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{what}: {leaf / 'zarr.json'} is damaged ({e})") from cause
+        if read_data:
+            try:
+                _zarr_leaf(path, name).read().result()
+            except Exception as e:  # noqa: BLE001 - TensorStore's errors are ValueError/RuntimeError/...
+                first = str(e).splitlines()[0] if str(e) else type(e).__name__
+                raise CheckpointError(f"{what}: a data file under {leaf} is damaged ({first[:300]})") from cause
+    msg = str(cause).splitlines()[0] if cause is not None and str(cause) else "unknown reason"
+    raise CheckpointError(f"{path}: cannot read the parameters ({msg[:300]})") from cause
 
 
 def _flat(tree, prefix=()) -> dict[ParamPath, object]:
@@ -263,7 +331,10 @@ def load_params(path, abstract: Mapping | None = None) -> dict:
             for k in p[:-1]:
                 node = node.setdefault(k, {})
             node[p[-1]] = want.get(p, ocp.PLACEHOLDER)
-        out = ocp.load(location(path) / PARAMS_DIR, tree)
+        try:
+            out = ocp.load(location(path) / PARAMS_DIR, tree)
+        except Exception as e:  # noqa: BLE001 - e.g. DATA_LOSS from a truncated chunk: name the parameter
+            _raise_broken(path, e, read_data=True)
     return _drop_placeholders(out, ocp.PLACEHOLDER)
 
 

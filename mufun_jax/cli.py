@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from mufun_jax.errors import EXIT_PREEMPTED
@@ -31,6 +32,17 @@ class ArgumentParser(argparse.ArgumentParser):
                 a = name.replace("_", "-") + eq + value
             out.append(a)
         return super().parse_known_args(out, namespace)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Shows each option's default in ``--help`` where it has one worth showing (not None/False)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS)
+                and action.option_strings and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
 
 
 def setup_logging() -> None:
@@ -129,19 +141,22 @@ def infer_main(argv=None) -> int:
     import json
     from pathlib import Path
 
-    from mufun_jax.outputs import ResultsFile, parse_shard, shard_path
+    from mufun_jax.outputs import ResultsFile, ResultsFileError, parse_shard, shard_path
 
     ap = ArgumentParser(
         prog="infer.py", description="Batched MuFun inference: one JSONL result per request, written as it "
         "completes; run the same command again to resume an interrupted run (done ids are skipped). "
         "Requests are training-schema records ({id, audio, time, conversations}; the first human turn is the "
         "prompt) or {id, prompt, audio, time}, with optional candidates for --score. Exit status: 0 all answered, "
-        "1 some requests failed (error records in the output), 2 usage error.",
+        "1 some requests failed (error records in the output), 2 a usage error or an unusable model, input or "
+        "output file (nothing is written), 75 stopped by SIGTERM (run it again to finish).",
         epilog="example: python infer.py converted/mufun-instruct requests.jsonl --output answers.jsonl "
-               "--audio-root data/ --batch-size 16")
-    ap.add_argument("model", nargs="?", help="a converted directory (convert_weights.py import, or train.py's "
+               "--audio-root data/ --batch-size 16",
+        usage="%(prog)s MODEL INPUT --output OUT [options]\n       %(prog)s --compile-only --topology SLICE [MODEL] "
+              "[options]", formatter_class=DefaultsHelpFormatter)
+    ap.add_argument("model", nargs="?", metavar="MODEL", help="a converted directory (convert_weights.py import, or train.py's "
                                              "OUTPUT_DIR/model) or a PyTorch MuFun checkpoint directory")
-    ap.add_argument("input", nargs="?", help="requests, as a JSON list or JSONL")
+    ap.add_argument("input", nargs="?", metavar="INPUT", help="requests, as a JSON list or JSONL")
     ap.add_argument("--output", "-o", help="JSONL results, one line per request as it completes (resumable)")
     ap.add_argument("--batch-size", type=int, default=8, help="decode slots: requests answered together")
     ap.add_argument("--prefill-batch", type=int, default=4, help="prompts prefilled together as slots free up "
@@ -170,6 +185,9 @@ def infer_main(argv=None) -> int:
                     "process's index and the process count)")
     ap.add_argument("--sort", action="store_true", help="at the end, rewrite the output in input order (results "
                     "are written as they complete)")
+    ap.add_argument("--retry-errors", action=argparse.BooleanOptionalAction, default=True,
+                    help="on resume, answer again the requests whose earlier result is an error record (fixed "
+                         "audio, a corrected --audio-root, ...); --no-retry-errors keeps them as they are")
     tpu = ap.add_argument_group("compile only", "AOT-compile the prefill and one decode step for a TPU slice on this "
                                 "host (needs libtpu: pip install -e .[tpu]); MODEL and INPUT are not needed (MODEL, "
                                 "when given and present, supplies the config; else the mufun-8b preset)")
@@ -194,9 +212,9 @@ def infer_main(argv=None) -> int:
         ap.error("MODEL, INPUT and --output are required (except with --compile-only)")
     from mufun_jax.config import check_sampling
 
-    bad = [f"{name} {why}" for name, cond, why in (
-        ("--batch-size", args.batch_size < 1, "must be >= 1"),
-        ("--max-new-tokens", args.max_new_tokens < 1, "must be >= 1"),
+    bad = [f"{name} {value} {why}" for name, value, cond, why in (
+        ("--batch-size", args.batch_size, args.batch_size < 1, "must be >= 1"),
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens < 1, "must be >= 1"),
     ) if cond]
     try:
         check_sampling(args.temperature, 1.0 if args.top_p is None else args.top_p,
@@ -219,6 +237,10 @@ def infer_main(argv=None) -> int:
         shard = parse_shard(args.shard) if args.shard else None
     except (OSError, ValueError) as e:
         print(f"infer.py: error: cannot read requests: {e}", file=sys.stderr)
+        return 2
+    if not records:
+        print(f"infer.py: error: {args.input}: no requests in the file; nothing to do, no output written",
+              file=sys.stderr)
         return 2
     items = []  # (id, record): every record gets an explicit id (its position when it has none)
     for i, r in enumerate(records):
@@ -251,11 +273,16 @@ def infer_main(argv=None) -> int:
     if shard is None and jax.process_count() > 1:
         shard = (jax.process_index(), jax.process_count())
     mine = [it for p, it in enumerate(items) if shard is None or p % shard[1] == shard[0]]
-    results_file = ResultsFile(shard_path(out, shard))
+    try:
+        results_file = ResultsFile(shard_path(out, shard), retry_errors=args.retry_errors)
+    except (ResultsFileError, OSError) as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 2
     todo = [it for it in mine if it[0] not in results_file]
-    if len(todo) < len(mine):
-        print(f"resuming {results_file.path}: {len(mine) - len(todo)} of {len(mine)} requests already done",
-              file=sys.stderr)
+    if len(todo) < len(mine) or results_file.retried:
+        print(f"resuming {results_file.path}: {len(mine) - len(todo)} of {len(mine)} requests already done"
+              + (f"; answering the {len(results_file.retried)} earlier error records again (--no-retry-errors "
+                 "keeps them)" if results_file.retried else ""), file=sys.stderr)
 
     from mufun_jax.api import MuFun, Result
     from mufun_jax.preemption import GracefulStop
@@ -311,6 +338,18 @@ def infer_main(argv=None) -> int:
           + (f"; failed: {', '.join(f'{k} {v}' for k, v in sorted(failed.items()))}" if failed else ""),
           file=sys.stderr)
     return 1 if n_failed else 0
+
+def infer_entry() -> None:
+    """``infer.py`` / ``mufun-infer`` as a program. On rc 2 nothing was written, so the process ends
+    without the interpreter's teardown: after a damaged checkpoint, Orbax's abandoned reads would
+    otherwise print hundreds of lines of tracebacks below the one-line error."""
+    rc = infer_main()
+    if rc == 2:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(2)
+    sys.exit(rc)
+
 
 CONVERT_HELP = """Convert MuFun weights between PyTorch checkpoints and this project's model directory.
 

@@ -346,7 +346,11 @@ class Generator:
             p_bucket = 0 if pre is None else pre[0].k.shape[2]  # (layers, kv_heads, len, head_dim)
             groups[(p_bucket, _bucket(len(job.ids) - job.cut, self.suffix_buckets))].append((job, pre, p_len))
         done = []
-        for (p_bucket, s_bucket), group in groups.items():
+        # Slots can free up faster than one prefill batch admits (batch_size > prefill_batch): a
+        # group runs in pieces of at most prefill_batch rows, each padded to a compiled batch size.
+        pieces = [(key, group[i:i + self.prefill_batch]) for key, group in groups.items()
+                  for i in range(0, len(group), self.prefill_batch)]
+        for (p_bucket, s_bucket), group in pieces:
             b = _bucket(len(group), self.batch_sizes)
             suffix = np.full((b, s_bucket), self.pad_token_id, np.int32)
             s_len, p_len = np.ones((b,), np.int32), np.zeros((b,), np.int32)

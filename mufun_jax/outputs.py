@@ -1,9 +1,15 @@
 """Streamed, resumable JSONL results: what ``infer.py`` writes.
 
 Each result is one line, written and flushed as soon as it completes, so a run killed at any
-moment loses only its in-flight requests. Opening an existing file resumes it: a last line cut
-short by a kill is detected (no newline, or not JSON) and dropped, and the ids already written are
-skipped by the new run, so every id ends up exactly once.
+moment loses only its in-flight requests. Opening an existing file resumes it: the ids already
+answered are skipped by the new run, so every id ends up exactly once.
+
+Resume never destroys work. The only thing it drops is what a kill can leave behind: a last line
+without its newline that begins like one of our records (``{"id": ``). Anything else it does not
+recognise (a line in the middle that is not a result record, or a file that is not this tool's
+output at all) raises :class:`ResultsFileError` and the file is left byte for byte as it was.
+Error records of an earlier run are retried by default (``retry_errors``): they leave the file,
+and their new outcome is appended, when the new run writes its first result.
 
 ``--shard I/N`` splits a request list between hosts: host ``I`` takes every request whose
 position ``p`` satisfies ``p % N == I`` and writes ``NAME.shard-I-of-N.jsonl``. The shards are
@@ -40,45 +46,91 @@ def shard_path(path: str | Path, shard: tuple[int, int] | None) -> Path:
     return path.with_name(f"{path.stem}.shard-{shard[0]}-of-{shard[1]}{path.suffix}")
 
 
-class ResultsFile:
-    """An append-only JSONL results file that can be resumed (see the module docstring)."""
+class ResultsFileError(ValueError):
+    """An existing output file that resume does not recognise as this tool's output; nothing was changed."""
 
-    def __init__(self, path: str | Path):
+
+_RECORD_START = b'{"id": '  # how every record we write begins (json.dumps of a dict whose first key is "id")
+
+
+class ResultsFile:
+    """An append-only JSONL results file that can be resumed (see the module docstring).
+
+    ``done`` maps the ids already answered to their records; with ``retry_errors`` (the default)
+    an error record does not count as done, and ``retried`` lists those ids. The file is changed
+    only at the first :meth:`write`: a run that fails before writing leaves it untouched."""
+
+    def __init__(self, path: str | Path, *, retry_errors: bool = True):
         self.path = Path(path)
+        self.retry_errors = retry_errors
         self.done: dict = {}  # id -> its record, for the ids already in the file
-        self.dropped_tail = False
+        self.retried: list = []  # ids of earlier error records that this run answers again
+        self.dropped_tail = 0  # bytes of a partial last line, dropped at the first write
+        self._keep: list[bytes] | None = None  # the lines to keep, when the file must be rewritten first
         if self.path.exists():
             self._recover()
         self._f = None  # opened at the first write: a run that fails before it leaves no file
 
     def _recover(self) -> None:
+        if self.path.is_dir():
+            raise ResultsFileError(f"{self.path}: is a directory, not a results file")
         raw = self.path.read_bytes()
-        good = 0  # byte length of the complete, parseable lines
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
+        lines = raw.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        keep, errors = [], 0
+        for n, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
-                break
-            self.done[_key(rec.get("id"))] = rec
-            good += len(line)
-        if good < len(raw):
-            self.dropped_tail = True
-            log.warning("%s: dropped a truncated last line (%d bytes) left by an interrupted run", self.path,
-                        len(raw) - good)
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
-
-    def __contains__(self, rid) -> bool:
-        return _key(rid) in self.done
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                rec, why = None, f"not JSON ({getattr(e, 'msg', e)})"
+            else:
+                why = "not a result record (an object with 'id' and 'answer' or 'error')"
+            if not (isinstance(rec, dict) and "id" in rec and ("answer" in rec or "error" in rec)):
+                snippet = line[:60].decode("utf-8", "replace")
+                raise ResultsFileError(
+                    f"{self.path}, line {n}: {why}: {snippet!r}. This does not look like infer.py's output, so it "
+                    "was not touched; choose another --output, or repair or remove that line to resume")
+            if self.retry_errors and rec.get("error") is not None:
+                errors += 1
+                self.retried.append(rec["id"])
+                continue
+            self.done[_key(rec["id"])] = rec
+            keep.append(line)
+        if tail and not tail.startswith(_RECORD_START):
+            raise ResultsFileError(
+                f"{self.path}: its last line {tail[:60].decode('utf-8', 'replace')!r} is not a result record cut "
+                "short by a kill; the file was not touched: choose another --output")
+        self.dropped_tail = len(tail)
+        if tail or errors:
+            self._keep = keep
 
     def write(self, record: dict) -> None:
         if self._f is None:
-            self._f = open(self.path, "a", encoding="utf-8")
+            self._open()
         self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._f.flush()
         self.done[_key(record.get("id"))] = record
+
+    def _open(self) -> None:
+        """Append; first rewrite the file (atomically) without a partial last line and the error
+        records being retried, when there are any."""
+        if self._keep is not None:
+            if self.dropped_tail:
+                log.warning("%s: dropped a truncated last line (%d bytes) left by an interrupted run", self.path,
+                            self.dropped_tail)
+            tmp = self.path.with_name(f".{self.path.name}.resume")
+            with open(tmp, "wb") as f:
+                f.writelines(line + b"\n" for line in self._keep)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            self._keep = None
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def __contains__(self, rid) -> bool:
+        return _key(rid) in self.done
 
     def close(self) -> None:
         if self._f is not None:
@@ -109,9 +161,7 @@ def merge_shards(paths: Iterable[str | Path], ids: Iterable, out: str | Path) ->
     """Merge shard files into ``out`` in the order of ``ids``; returns the number of records."""
     records = {}
     for p in paths:
-        f = ResultsFile(p)
-        f.close()
-        records.update(f.done)
+        records.update(ResultsFile(p, retry_errors=False).done)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
     n = 0
