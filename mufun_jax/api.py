@@ -19,7 +19,8 @@ How a prompt is built, as the reference ``chat()`` does:
   up in the tokenizer; the answer is the new tokens only, decoded without special tokens and stripped.
 
 The engine is :class:`mufun_jax.engine.Generator`: continuous batching over ``batch_size`` decode
-slots, each audio encoded once (audio files are keyed by path and segment) and each prompt prefix
+slots, each audio encoded once (keyed by a hash of its decoded samples, or by the request's own
+``audio_id``: one song under two paths is encoded once) and each prompt prefix
 (system prompt, ``USER:``, the audio) prefilled once for all the questions about it.
 :meth:`MuFun.iter_results` feeds it lazily: requests are taken in windows of ``window``, whose audio
 is decoded on a thread pool while the engine works, and results come back in input order or, with
@@ -93,13 +94,14 @@ class _Prepared:
     prompt_text: str = ""
     input_ids: list[int] = dataclasses.field(default_factory=list)
     audios: list = dataclasses.field(default_factory=list)  # per audio: list of 16 kHz 1-D chunks
-    audio_keys: list | None = None  # per audio: (path, segment) for files; None for arrays (hashed)
+    audio_keys: list | None = None  # per audio: the caller's ("audio_id", id, segment), or a hash of the samples
     seed: int = 0
     max_new_tokens: int | None = None
     candidates: list | None = None
     length: int = 0  # prompt length after audio expansion (plus the longest candidate when scoring)
     error: RequestError | None = None
     raw: tuple = ()  # (audio, time, audio_root) until the audio is loaded
+    audio_ids: list | None = None  # the request's own ids of its audios, if it gave them
     candidates_ids: list | None = None
 
 
@@ -123,12 +125,14 @@ def parse_request(req, index: int = 0) -> dict:
     - the training-data schema ``{"id", "audio", "time", "conversations": [{"from": "human",
       "value": prompt}, ...]}``: the first human turn is the prompt.
 
-    Optional keys: ``id`` (default: the index), ``seed``, ``max_new_tokens``, ``candidates``.
+    Optional keys: ``id`` (default: the index), ``seed``, ``max_new_tokens``, ``candidates``, and
+    ``audio_id`` (a string per audio: the caller's name for that audio, which then keys the audio
+    cache instead of a hash of its samples; the same id must always mean the same audio).
     An audio is a file path (relative ones resolve against ``audio_root``) or a 1-D float array of
     16 kHz samples."""
     if isinstance(req, str):
         return {"id": index, "prompt": req, "audio": [], "time": None, "seed": None, "max_new_tokens": None,
-                "candidates": None}
+                "candidates": None, "audio_id": None}
     if not isinstance(req, dict):
         raise RequestError("malformed_record", f"request {index}: expected a string or an object, got "
                                                f"{type(req).__name__}")
@@ -156,12 +160,41 @@ def parse_request(req, index: int = 0) -> dict:
             isinstance(c, str) or (isinstance(c, (list, tuple)) and all(isinstance(t, (int, np.integer)) for t in c))
             for c in cands)):
         raise RequestError("malformed_record", f"request {rid}: 'candidates' must be a list of strings")
+    ids = req.get("audio_id")
+    if ids is not None:
+        ids = [ids] if isinstance(ids, (str, int)) else ids
+        if not (isinstance(ids, (list, tuple)) and len(ids) == len(audio)
+                and all(isinstance(i, (str, int)) and not isinstance(i, bool) for i in ids)):
+            raise RequestError("malformed_record", f"request {rid}: 'audio_id' must be a string (one audio) or a "
+                                                   f"list of strings, one per audio ({len(audio)})")
     seed, mnt = req.get("seed"), req.get("max_new_tokens")
     for name, v in (("seed", seed), ("max_new_tokens", mnt)):
         if v is not None and (not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 0):
             raise RequestError("malformed_record", f"request {rid}: '{name}' must be a non-negative int")
     return {"id": rid, "prompt": prompt, "audio": audio, "time": req.get("time", req.get("segs")), "seed": seed,
-            "max_new_tokens": mnt, "candidates": None if cands is None else list(cands)}
+            "max_new_tokens": mnt, "candidates": None if cands is None else list(cands),
+            "audio_id": None if ids is None else list(ids)}
+
+
+def _audio_keys(audios: list[list[np.ndarray]], audio_ids, time) -> list:
+    """The engine's cache key of each audio: the request's own ``audio_id`` (with the segment), else
+    a hash of the decoded, cropped samples. Keys by content, not path: one song reached by two
+    paths (or sent twice as bytes) is encoded once; a changed file under the same path is not
+    confused with the old one."""
+    import hashlib
+
+    if audio_ids is not None:
+        segs = _segments(time, len(audios))
+        return [("audio_id", str(i), None if s is None else tuple(float(x) for x in s))
+                for i, s in zip(audio_ids, segs)]
+    keys = []
+    for chunks in audios:
+        h = hashlib.blake2b(digest_size=16)
+        for c in chunks:
+            h.update(np.ascontiguousarray(c, np.float32).tobytes())
+            h.update(b"|")
+        keys.append(("samples", h.hexdigest()))
+    return keys
 
 
 def load_request_audio(audio: Sequence, time, audio_root=None) -> list[list[np.ndarray]]:
@@ -297,6 +330,15 @@ class MuFun:
                                                pad_token_id=self.cfg.pad_token_id, **self._gen_kw)
         return self._generators[size]
 
+    def cache_stats(self) -> dict:
+        """Hits and misses of the audio and prefix caches, summed over this model's generators."""
+        out = {"audio": {}, "prefix": {}}
+        for gen in self._generators.values():
+            for name, st in gen.cache_stats().items():
+                for k, v in st.items():
+                    out[name][k] = out[name].get(k, 0) + v
+        return out
+
     # -- prompts -----------------------------------------------------------------------------------
 
     def build_prompt(self, prompt: str, n_audios: int) -> str:
@@ -340,7 +382,7 @@ class MuFun:
             rid = req.get("id", index) if isinstance(req, dict) else index
             return _Prepared(index, rid, error=e)
         p = _Prepared(index, r["id"], seed=seed if r["seed"] is None else int(r["seed"]),
-                      max_new_tokens=r["max_new_tokens"], candidates=r["candidates"])
+                      max_new_tokens=r["max_new_tokens"], candidates=r["candidates"], audio_ids=r["audio_id"])
         try:
             p.prompt_text = self.build_prompt(r["prompt"], len(r["audio"]))
             p.input_ids = tokenize_with_audio(p.prompt_text, self.tokenizer)
@@ -357,11 +399,8 @@ class MuFun:
                 p.audios = load_request_audio(*p.raw)
             except RequestError as e:
                 p.error = e
-            audio, time, root = p.raw
-            if p.error is None and all(not isinstance(a, np.ndarray) for a in audio):
-                segs = _segments(time, len(audio))
-                p.audio_keys = [(str(Path(root, a) if root is not None and not Path(a).is_absolute() else Path(a)),
-                                 None if s is None else tuple(float(x) for x in s)) for a, s in zip(audio, segs)]
+            if p.error is None:
+                p.audio_keys = _audio_keys(p.audios, p.audio_ids, p.raw[1])
         return p
 
     def _check(self, p: _Prepared, score: bool, end_token: bool) -> None:

@@ -289,6 +289,7 @@ def infer_main(argv=None) -> int:
     from mufun_jax.torch_files import CheckpointError
 
     failed: dict[str, int] = {}
+    model = None
     stop = GracefulStop()
     try:
         if any(not isinstance(r, _BadLine) for _, r in todo):
@@ -332,6 +333,10 @@ def infer_main(argv=None) -> int:
         return EXIT_PREEMPTED
     if args.sort:
         results_file.sort(rid for rid, _ in mine)
+    if model is not None:
+        print("caches: " + "; ".join(
+            f"{name} {st['reused']} of {st['used']} reused" + (f" ({st['reused'] / st['used']:.0%})" if st["used"] else "")
+            for name, st in model.cache_stats().items()), file=sys.stderr)
     n_failed = sum(failed.values())
     print(f"{len(todo) - n_failed} of {len(todo)} requests answered in this run ({n_done} of {len(mine)} in all); "
           f"results in {results_file.path}"

@@ -3,8 +3,9 @@ once for all its questions, and prefix KV reuse. Built for dataset-scale inferen
 captioning and transcribing large collections with several questions per song.
 
 How a request runs:
-1. **Audio, once.** Each audio is known by a key (``Request.audio_keys``, e.g. ``(path, segment)``,
-   or a hash of its samples). Its connector output is computed once and kept in an LRU cache
+1. **Audio, once.** Each audio is known by a key: a hash of its samples (the API hashes the decoded,
+   cropped samples, so one song under two paths is one entry), or a caller's own id
+   (``Request.audio_keys``). Its connector output is computed once and kept in an LRU cache
    bounded in bytes (``audio_cache_bytes``), so every question about a song reuses it.
 2. **Prefix, once.** A prompt splits at its last ``<audio>``: the prefix (system prompt, ``USER:``,
    the audio tokens) and the suffix (the question, ``ASSISTANT:``). The prefix's keys and values
@@ -182,6 +183,17 @@ class Generator:
     def num_compiles(self) -> int:
         return sum(self.compiles.values())
 
+    def cache_stats(self) -> dict:
+        """Per cache: ``used`` (audios, or prefixes, that admitted requests needed), ``computed``
+        (encoded, or prefilled), ``reused`` (the rest: from the cache or a request admitted with it),
+        and the LRU's own ``hits``, ``misses``, ``entries`` and ``bytes``."""
+        st = self.stats
+        audio_used, prefix_used = st["audio_used"], st["prefix_reused"] + st["prefix_computed"]
+        return {"audio": dict(self.audio_cache.stats(), used=audio_used, computed=st["audio_encoded"],
+                              reused=max(audio_used - st["audio_encoded"], 0)),
+                "prefix": dict(self.prefix_cache.stats(), used=prefix_used, computed=st["prefix_computed"],
+                               reused=st["prefix_reused"])}
+
     def clear_caches(self) -> None:
         """Forget every cached audio embedding and prefix (e.g. after the weights changed)."""
         self.audio_cache = LRUCache(self.audio_cache.max_bytes)
@@ -337,6 +349,7 @@ class Generator:
     def _admit(self, state, jobs: list[_Job], sampling: dict) -> list[_Job]:
         """Prefill ``jobs`` (each already holding a slot) into their slots; returns those finished
         by their first token."""
+        self.stats["audio_used"] += sum(len(j.keys) for j in jobs)
         prefixes = self._prefixes(state, jobs)
         layers, kvh, hd = self.cfg.qwen3.num_hidden_layers, self.cfg.qwen3.num_key_value_heads, self.cfg.qwen3.head_dim
         groups = collections.defaultdict(list)

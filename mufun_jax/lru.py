@@ -20,6 +20,7 @@ class LRUCache:
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self.bytes = 0
+        self.hits = self.misses = 0
         self._d: collections.OrderedDict = collections.OrderedDict()
 
     def __len__(self) -> int:
@@ -27,9 +28,15 @@ class LRUCache:
 
     def get(self, key):
         if key not in self._d:
+            self.misses += 1
             return None
+        self.hits += 1
         self._d.move_to_end(key)
         return self._d[key][0]
+
+    def stats(self) -> dict:
+        """Lookups that found their value (``hits``) or not (``misses``), and what is held now."""
+        return {"hits": self.hits, "misses": self.misses, "entries": len(self._d), "bytes": self.bytes}
 
     def put(self, key, value) -> None:
         n = _nbytes(value)

@@ -253,3 +253,32 @@ def test_resume_drops_only_a_cut_last_line_and_retries_errors(world, tmp_path, c
     got = _read(out)
     assert sorted(g["id"] for g in got) == sorted(r["id"] for r in _requests(2, 2))  # each id exactly once
     assert all("answer" in g and "error" not in g for g in got)
+
+
+# -- the audio cache, keyed by content ------------------------------------------------------------
+
+
+def test_one_song_under_two_paths_is_encoded_once(world, tmp_path, capsys):
+    """The audio cache is keyed by the decoded samples: a copy of a song under another name is
+    not encoded again (it was, when keys were paths), and infer.py reports what the caches reused.
+    A request's own ``audio_id`` keys it instead: a different audio under the same id is taken for
+    the first (the caller's promise), which is how the test sees that the id is used."""
+    shutil.copy(world / "song0.wav", tmp_path / "copy.wav")
+    reqs = [{"id": f"{name}{q}", "prompt": QUESTIONS[q], "audio": str(path)}
+            for name, path in (("a", world / "song0.wav"), ("b", tmp_path / "copy.wav"), ("c", world / "song1.wav"))
+            for q in range(3)]
+    req = _write_jsonl(tmp_path / "req.jsonl", reqs)
+    rc, err = _run(world, tmp_path, capsys, [world / "model", req, "-o", tmp_path / "out.jsonl", "--no-progress",
+                                             "--max-new-tokens", "4"])
+    assert rc == 0, err
+    assert "caches: audio 7 of 9 reused (78%)" in err, err  # two distinct songs encoded, seven uses reused
+    got = {r["id"]: r["answer"] for r in _read(tmp_path / "out.jsonl")}
+    assert [got[f"a{q}"] for q in range(3)] == [got[f"b{q}"] for q in range(3)]
+
+    import mufun_jax
+
+    api = mufun_jax.MuFun.from_pretrained(world / "model", batch_size=4, max_new_tokens=4)
+    own = api.generate([{"prompt": QUESTIONS[0], "audio": str(world / "song0.wav"), "audio_id": "x"},
+                        {"prompt": QUESTIONS[0], "audio": str(world / "song1.wav"), "audio_id": "x"}])
+    assert api.cache_stats()["audio"]["computed"] == 1
+    assert own[0] == own[1] == got["a0"]
