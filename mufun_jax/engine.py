@@ -269,9 +269,13 @@ class Generator:
         self.timings[phase] += time.perf_counter() - t0
         return out
 
-    def _embeds(self, state, jobs: list[_Job]) -> dict:
+    def _embeds(self, state, jobs: list[_Job], spare: Sequence[_Job] = ()) -> dict:
         """The audio embeddings of ``jobs`` by key: from the audio cache, or encoded (batched by
-        kind) and put there. The dict holds them for this admission even if the cache cannot."""
+        kind) and put there. The dict holds them for this admission even if the cache cannot.
+
+        An encoder batch is padded to a chunk bucket. Rather than encode zeros, the padding rows
+        take the audios of ``spare`` (requests waiting for a slot) that fit whole; their embeddings
+        go to the audio cache, where those requests find them when admitted."""
         todo: dict = {}
         found: dict = {}
         for job in jobs:
@@ -291,8 +295,14 @@ class Generator:
                 while items and (not group or n + len(items[0][1]) <= self.chunk_buckets[-1]):
                     group.append(items.pop(0))
                     n += len(group[-1][1])
-                x = np.concatenate([a for _, a in group])
                 c = _bucket(n, self.chunk_buckets)
+                fill = self._spare_audios(spare, kind, c - n, todo, found) if c > n else []
+                group += fill
+                n += sum(len(a) for _, a in fill)
+                self.stats["audio_prefetched"] += len(fill)
+                self.stats["encoder_chunks"] += n
+                self.stats["encoder_padding"] += c - n
+                x = np.concatenate([a for _, a in group])
                 x = np.concatenate([x, np.zeros((c - n,) + x.shape[1:], np.float32)])
                 emb = self._timed("encode", self._encode, state, x)
                 at = 0
@@ -303,7 +313,22 @@ class Generator:
                 self.stats["audio_encoded"] += len(group)
         return found
 
-    def _prefixes(self, state, jobs: list[_Job]) -> dict:
+    def _spare_audios(self, spare: Sequence[_Job], kind: str, room: int, todo: dict, found: dict) -> list:
+        """Audios of waiting requests, of ``kind``, not encoded yet, that fit whole in ``room`` chunks."""
+        if self.audio_cache.max_bytes <= 0:  # nothing could keep them until their request is admitted
+            return []
+        out, taken = [], set()
+        for job in spare:
+            for key, kd, arr in zip(job.keys, job.kinds, job.arrays):
+                if (kd != kind or len(arr) > room or key in todo or key in found or key in taken
+                        or key in self.audio_cache):
+                    continue
+                out.append((key, arr))
+                taken.add(key)
+                room -= len(arr)
+        return out
+
+    def _prefixes(self, state, jobs: list[_Job], spare: Sequence[_Job] = ()) -> dict:
         """The prefix keys/values of ``jobs`` by prefix key: from the prefix cache, or computed
         (batched by length bucket) and put there; held for this admission even if the cache cannot."""
         tpc = self.cfg.tokens_per_chunk
@@ -317,7 +342,7 @@ class Generator:
             else:
                 found[job.prefix_key] = pre
         self.stats["prefix_reused"] += sum(1 for j in jobs if j.cut) - len(todo)  # from the cache or a sibling
-        embeds = self._embeds(state, list(todo.values()))  # only the audios of prefixes to compute
+        embeds = self._embeds(state, list(todo.values()), spare)  # only the audios of prefixes to compute
         by_bucket = collections.defaultdict(list)
         for job in todo.values():
             n = job.cut - len(job.cpa) + tpc * sum(job.cpa)
@@ -346,11 +371,11 @@ class Generator:
                 self.stats["prefix_computed"] += len(part)
         return found
 
-    def _admit(self, state, jobs: list[_Job], sampling: dict) -> list[_Job]:
+    def _admit(self, state, jobs: list[_Job], sampling: dict, spare: Sequence[_Job] = ()) -> list[_Job]:
         """Prefill ``jobs`` (each already holding a slot) into their slots; returns those finished
-        by their first token."""
+        by their first token. ``spare``: waiting requests whose audio may fill encoder padding."""
         self.stats["audio_used"] += sum(len(j.keys) for j in jobs)
-        prefixes = self._prefixes(state, jobs)
+        prefixes = self._prefixes(state, jobs, spare)
         layers, kvh, hd = self.cfg.qwen3.num_hidden_layers, self.cfg.qwen3.num_key_value_heads, self.cfg.qwen3.head_dim
         groups = collections.defaultdict(list)
         for job in jobs:
@@ -429,11 +454,15 @@ class Generator:
         source = iter(list(make_jobs())) if isinstance(requests, Sequence) else make_jobs()
         waiting = collections.deque()
 
-        def more() -> bool:
-            if not waiting:
+        def more(ahead: bool = False) -> bool:
+            """Is a request waiting? Pulls one from the source when none is (or, ``ahead``, always)."""
+            if ahead or not waiting:
                 job = next(source, None)
                 if job is not None:
                     waiting.append(job)
+                    return True
+                if ahead:
+                    return False
             return bool(waiting)
 
         sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -467,7 +496,9 @@ class Generator:
                 slot_job[job.slot] = job
                 admit.append(job)
             if admit:
-                for job in self._admit(state, admit, sampling):
+                while len(waiting) < max(2 * self.batch_size, 16) and more(ahead=True):
+                    pass  # a look-ahead (several questions per song are common): their audio fills encoder padding
+                for job in self._admit(state, admit, sampling, spare=list(waiting)):
                     yield finish(job, job.tokens[-1] in sampling["stops"])
                 for job in admit:
                     if slot_job[job.slot] is job:

@@ -26,6 +26,9 @@ class LRUCache:
     def __len__(self) -> int:
         return len(self._d)
 
+    def __contains__(self, key) -> bool:  # no hit or miss counted, no recency change
+        return key in self._d
+
     def get(self, key):
         if key not in self._d:
             self.misses += 1

@@ -323,3 +323,24 @@ def test_long_audio_and_long_answers_beside_short_ones_compile_once(setup):
     compiles = dict(gen.compiles)
     run(1)
     assert dict(gen.compiles) == compiles, (compiles, gen.compiles)
+
+
+def test_encoder_padding_is_filled_with_waiting_songs(setup):
+    """An encoder batch padded to its chunk bucket takes the audio of requests still waiting for a
+    slot instead of zeros: four one-chunk songs through one slot encode in one call of 4 chunks,
+    not four calls of 1 chunk + 3 padding rows. Tokens and log-probs equal those of a generator
+    that encodes each song on its own (no audio cache, so nothing is prefetched)."""
+    cfg, _, model, _, _, _ = setup
+    rng = np.random.default_rng(11)
+    v = cfg.qwen3.vocab_size
+    songs = [(0.2 * rng.standard_normal(audio.CHUNK_SAMPLES)).astype(np.float32)[None] for _ in range(4)]
+    reqs = [Request([*[int(x) for x in rng.integers(1, v, 4)], AUDIO, 7, 9], [s], seed=i) for i, s in enumerate(songs)]
+    kw = dict(max_new_tokens=4, batch_size=1, buckets=(32, 1024), chunk_buckets=(4,), eos_token_id=())
+    filled, alone = Generator(model, **kw), Generator(model, audio_cache_bytes=0, **kw)
+    a, b = filled.generate(reqs), alone.generate(reqs)
+    assert filled.stats["encoder_chunks"] == 4 and filled.stats["encoder_padding"] == 0
+    assert filled.stats["audio_prefetched"] == 3 and filled.cache_stats()["audio"]["hits"] == 3  # found when admitted
+    assert alone.stats["encoder_chunks"] == 4 and alone.stats["encoder_padding"] == 12
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.token_ids, y.token_ids)
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
