@@ -122,7 +122,7 @@ def train_main(argv=None) -> int:
     ap.add_argument("--topology", default=None, help="TPU slice for --compile-only: v5p-128, v6e-64, v5e-256, ...")
     ap.add_argument("--num-slices", type=int, default=1, help="slices of a multi-slice job (--compile-only)")
     add_common(ap)
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # KEY=VALUE overrides before and after flags alike
     if args.compile_only != (args.topology is not None):
         ap.error("--compile-only and --topology go together")
     setup_logging()
