@@ -185,8 +185,9 @@ ROWS = [
     pytest.param(Row("data", ["validate", "{tmp}/allbad.json", "--no-progress"], 1, "no usable sample",
                      unchanged=("{tmp}/allbad.json",), setup="all_bad"), id="9-validate-nothing-usable"),
     # 10
-    pytest.param(Row("train", TRAIN + [OUT, "data.dataset={tmp}/nope.json"], 2, "nope.json: no such file (data.dataset)",
-                     absent=("{tmp}/out",)), id="10-missing-dataset-writes-nothing"),
+    pytest.param(Row("train", TRAIN + [OUT, "data.dataset={tmp}/nope.json"], 2,
+                     "nope.json: no such file (data.dataset)", absent=("{tmp}/out",)),
+                 id="10-missing-dataset-writes-nothing"),
     pytest.param(Row("plot", ["{tmp}/emptyrun"], 2, "metrics.jsonl: no loss values to plot",
                      unchanged=("{tmp}/emptyrun/metrics.jsonl",), absent=("{tmp}/emptyrun/loss.png",),
                      setup="empty_metrics"), id="10-plot-empty-metrics"),
@@ -291,8 +292,6 @@ def test_debug_shows_the_traceback(cli_name, argv, exc, tmp_path):
 
 
 def test_run_cli_maps_expected_errors_and_lets_bugs_through(capsys):
-    import yaml as _yaml
-
     from mufun_jax.errors import InputError
 
     def fail(e):
@@ -300,7 +299,7 @@ def test_run_cli_maps_expected_errors_and_lets_bugs_through(capsys):
             raise e
         return main
 
-    for e in (FileNotFoundError(2, "No such file or directory", "x.json"), _yaml.YAMLError("bad\n  yaml"),
+    for e in (FileNotFoundError(2, "No such file or directory", "x.json"), yaml.YAMLError("bad\n  yaml"),
               ValueError("bad value"), InputError("missing_file", "gone"), PermissionError(13, "Permission denied",
                                                                                            "/ro")):
         assert cli.run_cli("prog", fail(e), debug=False) == 2
