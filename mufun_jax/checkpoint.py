@@ -514,10 +514,15 @@ def save_train_state(mngr, step: int, state: dict, loader_state: dict) -> None:
 
 
 def restore_train_state(mngr, step: int, abstract_state: dict) -> tuple[dict, dict]:
+    """The saved state and loader position of ``step``; a checkpoint that does not fit
+    ``abstract_state`` (resumed with ``--force`` under another model) is a CheckpointError naming it."""
     import orbax.checkpoint as ocp
 
-    out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                     data=ocp.args.JsonRestore()))
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                         data=ocp.args.JsonRestore()))
+    except ValueError as e:
+        raise CheckpointError(f"{mngr.directory / str(step)}: does not fit this config's train state: {e}") from e
     return out["state"], out["data"]
 
 

@@ -1,8 +1,11 @@
 """Command-line front ends (``train.py`` / ``mufun-train``, ``infer.py`` / ``mufun-infer``,
-``convert_weights.py`` / ``mufun-convert``); the work is in the library modules.
+``convert_weights.py`` / ``mufun-convert``, ``mufun-plot``); the work is in the library modules.
 
 Every CLI takes ``--kebab-case`` flags; the ``--snake_case`` spellings of earlier versions are
-still accepted as hidden aliases (:class:`ArgumentParser`).
+still accepted as hidden aliases (:class:`ArgumentParser`). Every CLI runs its work through
+:func:`run_cli`, so an expected failure (a missing file, bad YAML, a bad value, a corrupt
+checkpoint) ends in one line that names the problem, with exit status 2, and a traceback only
+with ``--debug``.
 """
 
 from __future__ import annotations
@@ -11,8 +14,55 @@ import argparse
 import logging
 import os
 import sys
+from typing import Callable
 
 from mufun_jax.errors import EXIT_PREEMPTED
+
+EXIT_USAGE = 2  # bad input: the one-line error of run_cli, argparse's usage errors
+
+
+def invoked_as(*names: str) -> str:
+    """The program name for usage lines and errors: the name this process was started as when it is
+    one of ``names`` (``mufun-train`` and ``train.py`` are the same CLI), else ``names[0]`` (e.g.
+    in-process calls from tests, where ``sys.argv[0]`` is pytest)."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name in names else names[0]
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: OSErrors as ``PATH: reason``, multi-line messages (YAML's
+    marks, Orbax's shape dumps) joined, very long ones cut."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        text = f"{e.filename}: {e.strerror}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
+    else:
+        text = str(e) or type(e).__name__
+    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Failures that are the input's fault, not a bug: I/O errors, bad YAML, bad values (InputError
+    and CheckpointError are ValueErrors), corrupt JSON (a ValueError too)."""
+    import yaml
+
+    from mufun_jax.errors import InputError
+    from mufun_jax.torch_files import CheckpointError
+
+    return (OSError, yaml.YAMLError, ValueError, InputError, CheckpointError)
+
+
+def run_cli(prog: str, main: Callable[[], int], debug: bool) -> int:
+    """Run a CLI's ``main`` and return its exit status. An expected failure (:func:`expected_errors`)
+    becomes ``PROG: error: MESSAGE`` on stderr and status 2, instead of a traceback that hides the
+    one line that matters; with ``debug`` it propagates, traceback and all. Anything else (a bug)
+    always propagates."""
+    try:
+        return main()
+    except expected_errors() as e:
+        if debug:
+            raise
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -45,6 +95,13 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
         return text
 
 
+def add_common(ap: argparse.ArgumentParser, progress: bool = True) -> None:
+    """The flags every CLI shares: ``--debug`` and (where there is a bar) ``--no-progress``."""
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    if progress:
+        ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def setup_logging() -> None:
     """Our INFO lines; warnings only from other libraries (Orbax logs every file at INFO)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -60,47 +117,50 @@ def setup_logging() -> None:
 def train_main(argv=None) -> int:
     """Train or resume MuFun from a YAML config with ``key=value`` overrides."""
     ap = ArgumentParser(
-        prog="train.py", description="Train MuFun (resumes from the newest checkpoint in output_dir).",
+        prog=invoked_as("train.py", "mufun-train"),
+        description="Train MuFun (resumes from the newest checkpoint in output_dir, if its model and trainable "
+                    "modules match the config). Exit status: 0 done, 2 bad input (one line names it), 3 the loss "
+                    f"became NaN/inf, {EXIT_PREEMPTED} preempted after saving (run the same command again).",
         epilog="example: python train.py --config configs/demo.yaml max_steps=50 optim.lr=1e-3 mesh.fsdp=-1")
     ap.add_argument("--config", required=True, help="YAML training config (see configs/)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted overrides, e.g. data.batch_size=16")
     ap.add_argument("--profile", action="store_true", help="write a jax.profiler trace of steps 3-5 to "
                                                            "OUTPUT_DIR/profile (open it with TensorBoard or Perfetto)")
+    ap.add_argument("--force", action="store_true", help="resume OUTPUT_DIR's checkpoints even though the saved "
+                    "model or trainable modules differ from the config (default: refuse, naming the differences)")
     ap.add_argument("--compile-only", action="store_true", help="compile the train step for --topology on this "
                     "host (needs libtpu, no TPU), print per-chip memory and FLOPs; exit 1 if it does not fit")
     ap.add_argument("--topology", default=None, help="TPU slice for --compile-only: v5p-128, v6e-64, v5e-256, ...")
     ap.add_argument("--num-slices", type=int, default=1, help="slices of a multi-slice job (--compile-only)")
-    args = ap.parse_args(argv)
+    add_common(ap)
+    args = ap.parse_intermixed_args(argv)  # KEY=VALUE overrides before and after flags alike
     if args.compile_only != (args.topology is not None):
         ap.error("--compile-only and --topology go together")
     setup_logging()
+    return run_cli(ap.prog, lambda: _train(ap.prog, args), args.debug)
 
+
+def _train(prog: str, args) -> int:
     from mufun_jax.train_config import TrainConfig
     from mufun_jax.train_lib import NonFiniteLossError, train
 
-    try:
-        cfg = TrainConfig.load(args.config, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"train.py: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = TrainConfig.load(args.config, args.overrides)
+    if args.no_progress:
+        cfg.progress = False
     if args.compile_only:
         from mufun_jax.aot.drivers import train_compile_only
 
         try:
             return train_compile_only(cfg, args.topology, num_slices=args.num_slices)
-        except (ValueError, RuntimeError) as e:
-            print(f"train.py: error: {e}", file=sys.stderr)
-            return 2
+        except RuntimeError as e:
+            raise ValueError(str(e)) from e
     try:
-        result = train(cfg, profile=args.profile)
+        result = train(cfg, profile=args.profile, force=args.force)
         if result.get("preempted"):
             return EXIT_PREEMPTED
     except NonFiniteLossError as e:
-        print(f"train.py: stopped: {e}", file=sys.stderr)
+        print(f"{prog}: stopped: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
     print(f"done at step {result['step']}: loss {result.get('loss', float('nan')):.4f}"
           + (f", eval loss {result['eval_loss']:.4f}" if "eval_loss" in result else "")
           + f"; model written to {cfg.output_dir}/model")
@@ -138,13 +198,9 @@ class _BadLine:
 def infer_main(argv=None) -> int:
     """Answer (or, with ``--score``, rank candidates for) every request of a JSON / JSONL file,
     streaming each result to the output as it completes (resumable, see mufun_jax/outputs.py)."""
-    import json
-    from pathlib import Path
-
-    from mufun_jax.outputs import ResultsFile, ResultsFileError, parse_shard, shard_path
-
     ap = ArgumentParser(
-        prog="infer.py", description="Batched MuFun inference: one JSONL result per request, written as it "
+        prog=invoked_as("infer.py", "mufun-infer"),
+        description="Batched MuFun inference: one JSONL result per request, written as it "
         "completes; run the same command again to resume an interrupted run (done ids are skipped). "
         "Requests are training-schema records ({id, audio, time, conversations}; the first human turn is the "
         "prompt) or {id, prompt, audio, time}, with optional candidates for --score. Exit status: 0 all answered, "
@@ -179,7 +235,7 @@ def infer_main(argv=None) -> int:
     ap.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory (convert_weights.py "
                                                      "export-adapter), merged into MODEL's weights at load")
     ap.add_argument("--audio-root", default=None, help="directory that relative audio paths are resolved against")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_common(ap)
     ap.add_argument("--shard", default=None, metavar="I/N", help="this host's part of the requests: every N-th "
                     "from the I-th, written to OUTPUT.shard-I-of-N.jsonl (default under jax.distributed: this "
                     "process's index and the process count)")
@@ -196,6 +252,15 @@ def infer_main(argv=None) -> int:
     tpu.add_argument("--num-slices", type=int, default=1)
     tpu.add_argument("--context", type=int, default=4096, help="prompt tokens per row (audio included)")
     args = ap.parse_args(argv)
+    return run_cli(ap.prog, lambda: _infer(ap, args), args.debug)
+
+
+def _infer(ap, args) -> int:
+    import json
+    from pathlib import Path
+
+    from mufun_jax.outputs import ResultsFile, ResultsFileError, parse_shard, shard_path
+
     if args.prefill_batch < 1 or (args.prefill_chunk is not None and args.prefill_chunk < 1):
         ap.error(f"--prefill-batch {args.prefill_batch} and --prefill-chunk {args.prefill_chunk} must be >= 1")
     prefill_batch = min(args.prefill_batch, max(args.batch_size, 1))
@@ -369,7 +434,8 @@ CONVERT_HELP = """Convert MuFun weights between PyTorch checkpoints and this pro
 
 def convert_main(argv=None) -> int:
     """``convert_weights.py`` / ``mufun-convert``."""
-    ap = ArgumentParser(prog="convert_weights.py", description=CONVERT_HELP,
+    ap = ArgumentParser(prog=invoked_as("convert_weights.py", "mufun-convert"), description=CONVERT_HELP,
+                        epilog="exit status: 0 written, 2 bad input (one line names it; nothing is left at DST)",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     imp = sub.add_parser("import", help="PyTorch checkpoint -> model directory")
@@ -394,52 +460,51 @@ def convert_main(argv=None) -> int:
         p.add_argument("--dtype", default="keep", choices=["keep", "float32", "bfloat16"],
                        help="dtype of the written weights (default: keep the source's)")
         p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_common(p)
     args = ap.parse_args(argv)
+    if args.cmd == "import" and len(args.paths) != (1 if (args.whisper or args.qwen3) else 2):
+        ap.error("import takes SRC DST, or DST alone with --whisper, --qwen3 and --connector")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     logging.getLogger("mufun_jax").setLevel(logging.INFO)  # ours, without Orbax's per-read INFO lines
+    return run_cli(f"{ap.prog} {args.cmd}", lambda: _convert(args), args.debug)
 
-    from mufun_jax.torch_files import CheckpointError
+
+def _convert(args) -> int:
     from mufun_jax.weights import export_checkpoint, import_checkpoint
 
-    try:
-        if args.cmd == "import":
-            parts = bool(args.whisper or args.qwen3)
-            if len(args.paths) != (1 if parts else 2):
-                ap.error("import takes SRC DST, or DST alone with --whisper, --qwen3 and --connector")
-            src, dst = (None, args.paths[0]) if parts else args.paths
-            import_checkpoint(dst, src, whisper=args.whisper, qwen3=args.qwen3, connector_type=args.connector,
-                              taps=args.taps, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
-                              progress=not args.no_progress)
-        elif args.cmd == "export":
-            export_checkpoint(*args.paths, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
-                              overwrite=args.overwrite, progress=not args.no_progress)
-        else:
-            from mufun_jax.peft_format import export_adapter
+    if args.cmd == "import":
+        src, dst = (None, args.paths[0]) if (args.whisper or args.qwen3) else args.paths
+        import_checkpoint(dst, src, whisper=args.whisper, qwen3=args.qwen3, connector_type=args.connector,
+                          taps=args.taps, seed=args.seed, dtype=args.dtype, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+    elif args.cmd == "export":
+        export_checkpoint(*args.paths, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
+                          overwrite=args.overwrite, progress=not args.no_progress)
+    else:
+        from mufun_jax.peft_format import export_adapter
 
-            export_adapter(*args.paths, merge=args.merge, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
-                           overwrite=args.overwrite, progress=not args.no_progress)
-    except (CheckpointError, ValueError, FileExistsError, FileNotFoundError) as e:
-        print(f"convert_weights.py {args.cmd}: error: {e}", file=sys.stderr)
-        return 2
+        export_adapter(*args.paths, merge=args.merge, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
+                       overwrite=args.overwrite, progress=not args.no_progress)
     return 0
 
 
 def plot_main(argv=None) -> int:
     """``mufun-plot RUN_DIR [RUN_DIR ...]``: the loss curves of training runs, as one PNG."""
     ap = ArgumentParser(prog="mufun-plot", description="Plot the train and eval loss of train.py runs from their "
-                        "metrics.jsonl; several runs (e.g. two stages) follow each other on one step axis.")
+                        "metrics.jsonl; several runs (e.g. two stages) follow each other on one step axis.",
+                        epilog="exit status: 0 written, 2 bad input (a run without metrics: nothing is written)")
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="train.py output_dir(s)")
     ap.add_argument("--out", default=None, help="PNG to write (default: RUN_DIR/loss.png of the last run)")
+    add_common(ap, progress=False)
     args = ap.parse_args(argv)
+    return run_cli(ap.prog, lambda: _plot(args), args.debug)
+
+
+def _plot(args) -> int:
     from pathlib import Path
 
     from mufun_jax.metrics import plot_runs
 
-    try:
-        out = plot_runs(args.runs, args.out or Path(args.runs[-1]) / "loss.png")
-    except FileNotFoundError as e:
-        print(f"mufun-plot: error: {e}", file=sys.stderr)
-        return 2
+    out = plot_runs(args.runs, args.out or Path(args.runs[-1]) / "loss.png")
     print(f"wrote {out}")
     return 0

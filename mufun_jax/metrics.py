@@ -73,7 +73,8 @@ def read_metrics(run_dir) -> tuple[list[tuple[int, float]], list[tuple[int, floa
 def plot_runs(run_dirs, out, *, names=None, accuracy: dict | None = None, title: str | None = None) -> Path:
     """One PNG: the train loss (and eval loss points) of each run, one after the other on a shared
     step axis (e.g. the demo's warmup then full stage); with ``accuracy`` ({task: (right, total)})
-    a bar chart beside it. Written atomically; returns the path."""
+    a bar chart beside it. Written atomically; returns the path. A run without any loss value is an
+    error (ValueError) and nothing is written: an empty plot would look like a result."""
     import os
 
     import matplotlib
@@ -83,12 +84,15 @@ def plot_runs(run_dirs, out, *, names=None, accuracy: dict | None = None, title:
 
     run_dirs = [Path(d) for d in run_dirs]
     names = names or [d.name for d in run_dirs]
+    curves = [read_metrics(d) for d in run_dirs]  # every run read (and checked) before a figure exists
+    for d, (train, evals) in zip(run_dirs, curves):
+        if not train and not evals:
+            raise ValueError(f"{d / 'metrics.jsonl'}: no loss values to plot (the run has not logged a step yet)")
     fig, axes = plt.subplots(1, 2 if accuracy else 1, figsize=(11 if accuracy else 7, 4), squeeze=False,
                              gridspec_kw={"width_ratios": [2, 1]} if accuracy else None)
     ax = axes[0][0]
     offset = 0
-    for i, (d, name) in enumerate(zip(run_dirs, names)):
-        train, evals = read_metrics(d)
+    for i, (name, (train, evals)) in enumerate(zip(names, curves)):
         color = f"C{i}"
         if train:
             ax.plot([offset + s for s, _ in train], [v for _, v in train], color=color, lw=1, label=f"{name}: train")

@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import yaml
 
 from mufun_jax.config import MODULES, RUN_KEYS, LoraConfig, MuFunConfig, RunSettings, resolve_model
+from mufun_jax.data.templates import TEMPLATES
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +107,55 @@ class TrainConfig:
         self.trainable = {m: self.trainable.get(m, "full") for m in MODULES}
         if all(v == "frozen" for v in self.trainable.values()):
             raise ValueError("trainable: every module is frozen, so there is nothing to train")
-        for name, v in [("max_steps", self.max_steps), ("save_every", self.save_every), ("keep", self.keep),
-                        ("log_every", self.log_every), ("optim.grad_accum", self.optim.grad_accum),
-                        ("data.batch_size", self.data.batch_size), ("data.seq_len", self.data.seq_len),
-                        ("data.max_chunks", self.data.max_chunks)]:
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name}={v!r} must be a positive integer")
-        if self.optim.schedule not in ("cosine", "constant"):
-            raise ValueError(f"optim.schedule={self.optim.schedule!r} must be 'cosine' or 'constant'")
+        self._check_values()
         if self.quantize not in (None, "none") and all(v == "full" for v in self.trainable.values()):
             raise ValueError(f"quantize={self.quantize!r} applies to the frozen base of frozen or lora modules, "
                              f"but every module trains in full: {self.trainable}")
         self.run  # validates the run settings
+
+    def _check_values(self) -> None:
+        """Reject values no run can use, naming the key and what is allowed: a negative learning rate
+        or a warmup longer than the run would otherwise train to the end with status 0."""
+        o, d, m = self.optim, self.data, self.mesh
+        pos_int = "a positive integer (>= 1)"
+        checks = [(k, v, _is_int(v) and v >= 1, pos_int) for k, v in [
+            ("max_steps", self.max_steps), ("save_every", self.save_every), ("keep", self.keep),
+            ("log_every", self.log_every), ("optim.grad_accum", o.grad_accum), ("data.batch_size", d.batch_size),
+            ("data.seq_len", d.seq_len), ("data.max_chunks", d.max_chunks), ("mesh.data", m.data),
+            ("mesh.tensor", m.tensor)]]
+        checks += [
+            ("optim.lr", o.lr, _is_num(o.lr) and 0 < o.lr < math.inf, "a number > 0"),
+            ("optim.warmup_ratio", o.warmup_ratio, _is_num(o.warmup_ratio) and 0 <= o.warmup_ratio <= 1,
+             "a number in [0, 1] (the warmup is that fraction of max_steps, never longer than the run)"),
+            ("optim.weight_decay", o.weight_decay, _is_num(o.weight_decay) and 0 <= o.weight_decay < math.inf,
+             "a number >= 0"),
+            ("optim.b1", o.b1, _is_num(o.b1) and 0 <= o.b1 < 1, "a number in [0, 1)"),
+            ("optim.b2", o.b2, _is_num(o.b2) and 0 <= o.b2 < 1, "a number in [0, 1)"),
+            ("optim.eps", o.eps, _is_num(o.eps) and 0 < o.eps < math.inf, "a number > 0"),
+            ("optim.max_grad_norm", o.max_grad_norm, _is_num(o.max_grad_norm) and 0 < o.max_grad_norm,
+             "a number > 0 (inf: no clipping)"),
+            ("optim.schedule", o.schedule, o.schedule in ("cosine", "constant"), "'cosine' or 'constant'"),
+            ("mesh.fsdp", m.fsdp, _is_int(m.fsdp) and (m.fsdp >= 1 or m.fsdp == -1),
+             "a positive integer, or -1 (all remaining devices)"),
+            ("seed", self.seed, _is_int(self.seed) and self.seed >= 0, "an integer >= 0"),
+            ("data.seed", d.seed, _is_int(d.seed) and d.seed >= 0, "an integer >= 0"),
+            ("eval_every", self.eval_every, _is_int(self.eval_every) and self.eval_every >= 0,
+             "an integer >= 0 (0: evaluate only at the end)"),
+            ("eval_batches", self.eval_batches, self.eval_batches is None
+             or (_is_int(self.eval_batches) and self.eval_batches >= 1), "a positive integer, or null (all)"),
+            ("loss_chunk", self.loss_chunk, _is_int(self.loss_chunk) and self.loss_chunk >= 0,
+             "an integer >= 0 (0: the whole vocabulary at once)"),
+            ("data.num_epochs", d.num_epochs, d.num_epochs is None or (_is_int(d.num_epochs) and d.num_epochs >= 1),
+             "a positive integer, or null (repeat until max_steps)"),
+            ("data.worker_count", d.worker_count, _is_int(d.worker_count) and d.worker_count >= 0,
+             "an integer >= 0"),
+            ("data.template", d.template, d.template in TEMPLATES, " or ".join(map(repr, sorted(TEMPLATES)))),
+            ("data.too_long", d.too_long, d.too_long in ("skip", "truncate_audio"), "'skip' or 'truncate_audio'"),
+            ("progress", self.progress, isinstance(self.progress, bool), "true or false"),
+        ]
+        bad = [f"{k}={v!r}: allowed {allowed}" for k, v, ok, allowed in checks if not ok]
+        if bad:
+            raise ValueError("bad training config value" + ("s" if len(bad) > 1 else "") + ": " + "; ".join(bad))
 
     @property
     def run(self) -> RunSettings:
@@ -156,7 +194,10 @@ class TrainConfig:
         d: dict = {}
         if path is not None:
             with open(path) as f:
-                d = yaml.safe_load(f) or {}
+                try:
+                    d = yaml.safe_load(f) or {}
+                except yaml.YAMLError as e:
+                    raise ValueError(f"{path}: not valid YAML: {_yaml_message(e)}") from e
             if not isinstance(d, dict):
                 raise ValueError(f"{path}: expected a mapping at the top level")
         for o in overrides:
@@ -169,7 +210,10 @@ class TrainConfig:
                 node = node.setdefault(p, {})
                 if not isinstance(node, dict):
                     raise ValueError(f"override {o!r}: {p!r} is not a section")
-            node[parts[-1]] = yaml.safe_load(value)
+            try:
+                node[parts[-1]] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ValueError(f"override {o!r}: the value is not valid YAML: {_yaml_message(e)}") from e
         return cls.from_dict(d)
 
     def to_dict(self) -> dict:
@@ -223,3 +267,16 @@ def _coerce(v, annotation: str, where: str):
         except ValueError:
             raise ValueError(f"{where}={v!r} must be a number") from None
     return v
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)
+
+
+def _yaml_message(e: Exception) -> str:
+    """PyYAML's multi-line message (problem, then where) as one line."""
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip())

@@ -14,7 +14,6 @@ optimizer state, and ``frozen``, which are only read. Gradients are taken with r
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mufun_jax import checkpoint
+from mufun_jax import checkpoint, run_dir
 from mufun_jax.metrics import MetricsWriter
 from mufun_jax.config import MuFunConfig, RunSettings
 from mufun_jax.errors import EXIT_PREEMPTED
@@ -52,8 +51,6 @@ BATCH_AXES = ("data", "fsdp")
 
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became NaN or inf; the update of that step was not applied."""
-
-
 
 
 # -- parameter trees -----------------------------------------------------------------------------
@@ -309,6 +306,7 @@ def export_model(state: dict, model_cfg: MuFunConfig, tokenizer, dst, run: RunSe
 
 def make_loader(cfg: TrainConfig, model_cfg: MuFunConfig, tokenizer, mesh, *, eval: bool = False):
     """This host's loader. Rows and chunks are split over data x fsdp devices, then over hosts."""
+    from mufun_jax.data.dataset import audio_root_for
     from mufun_jax.data.loader import Loader, LoaderConfig
     from mufun_jax.data.packing import PackConfig
 
@@ -326,7 +324,7 @@ def make_loader(cfg: TrainConfig, model_cfg: MuFunConfig, tokenizer, mesh, *, ev
     pack = PackConfig(batch_size=d.batch_size // n, seq_len=d.seq_len, max_chunks=d.max_chunks // n,
                       tokens_per_chunk=model_cfg.tokens_per_chunk, pack=d.pack, too_long=d.too_long,
                       pad_token_id=_pad_id(tokenizer))
-    root = d.audio_root if d.audio_root is not None else str(Path(path).parent)
+    root = audio_root_for(path, d.audio_root)  # the one rule, shared with ``python -m mufun_jax.data validate``
     return Loader(LoaderConfig(dataset=path, pack=pack, template=d.template, audio_root=root, seed=d.seed,
                                shuffle=d.shuffle and not eval, num_epochs=1 if eval else d.num_epochs,
                                worker_count=d.worker_count, process_index=jax.process_index(), process_count=n),
@@ -368,29 +366,25 @@ def load_init_params(trainer: Trainer, path) -> dict:
     return checkpoint.load_params(path, trainer.abstract_init_params())
 
 
-def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, dict], None] | None = None) -> dict:
-    """Run (or resume) training as configured; returns the last step's metrics."""
+def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, dict], None] | None = None,
+          force: bool = False) -> dict:
+    """Run (or resume) training as configured; returns the last step's metrics. Nothing is written
+    until the inputs are checked and ``output_dir``'s checkpoints are known to fit the config
+    (:mod:`mufun_jax.run_dir`; ``force`` resumes checkpoints of another model or trainable set)."""
     from tqdm.auto import tqdm
 
     from mufun_jax.data.dataset import dataset_tokenizer
 
     maybe_initialize_distributed(cfg.distributed)
-    if cfg.data.dataset is None:
-        raise ValueError("data.dataset is not set: give the training JSON / JSONL")
+    run_dir.check_inputs(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     model_cfg = cfg.model_config()
-    tok_dir = cfg.data.tokenizer or cfg.init_from
-    if tok_dir is None:
-        raise ValueError("no tokenizer: set data.tokenizer (a tokenizer directory) or init_from")
-    tokenizer = dataset_tokenizer(tok_dir)
+    tokenizer = dataset_tokenizer(cfg.data.tokenizer or cfg.init_from)
     if len(tokenizer) > model_cfg.qwen3.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is "
                          f"{model_cfg.qwen3.vocab_size}; use a matching tokenizer or set model.qwen3.vocab_size")
     main = jax.process_index() == 0
-    out = checkpoint.epath(cfg.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    out = run_dir.prepare(cfg, force=force, write=main)
     trainer = Trainer(cfg, model_cfg, mesh)
     loader = make_loader(cfg, model_cfg, tokenizer, mesh)
     mngr = checkpoint.train_checkpoint_manager(cfg.output_dir, cfg.keep, cfg.async_checkpointing)
@@ -409,8 +403,9 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
         params = load_init_params(trainer, cfg.init_from) if cfg.init_from else None
         state = trainer.init_state(key, params)
         del params
-    n_train = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(state["params"]))
-    n_frozen = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(state["frozen"]))
+    if main:  # only now: a resume that fails to restore leaves the checkpoints' own config in place
+        run_dir.write_config(out, cfg)
+    n_train, n_frozen = (sum(int(np.prod(s.shape)) for s in jax.tree.leaves(state[k])) for k in ("params", "frozen"))
     log.info("mesh %s; %s trainable and %s frozen parameters (%s)", dict(mesh.shape), f"{n_train:,}",
              f"{n_frozen:,}", cfg.trainable)
     local = Path(cfg.output_dir) if "://" not in cfg.output_dir else Path("logs") / Path(cfg.output_dir).name
@@ -430,6 +425,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
                 except StopIteration:
                     break
             if len(micro) < cfg.optim.grad_accum:
+                bar.close()  # log lines under the bar, never glued to its end
                 log.warning("the training data ran out at step %d (of max_steps=%d); %d leftover micro-batch(es) "
                             "not used; stopping", step, cfg.max_steps, len(micro))
                 break
@@ -470,11 +466,13 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
                 if mngr.latest_step() != step:
                     checkpoint.save_train_state(mngr, step, state, loader.get_state())
                 mngr.wait_until_finished()
+                bar.close()
                 took = time.perf_counter() - watch.signal_at
                 log.warning("preempted: the checkpoint of step %d is committed (%.1f s after the notice); exiting "
                             "with status %d: run the same command again to resume", step, took, EXIT_PREEMPTED)
                 return {"step": step, **metrics, "preempted": True, "notice_to_commit_s": took,
                         "skipped": dict(loader.counter)}
+        bar.close()
         if mngr.latest_step() != step:
             checkpoint.save_train_state(mngr, step, state, loader.get_state())
         mngr.wait_until_finished()

@@ -195,7 +195,8 @@ def test_warmup_result_initialises_the_full_stage(data, tmp_path):
     warm, full = tmp_path / "warm", tmp_path / "full"
     warm_cfg = config(data, warm, max_steps=2, trainable={"whisper": "frozen", "connector": "full", "llm": "frozen"})
     run(warm_cfg)
-    run(config(data, full, model={}, init_from=str(warm / "model"), max_steps=1, optim=dict(lr=0.0)))
+    # lr 0 for the one step (a zero optim.lr is a config error): the first step of a linear warmup has lr 0
+    run(config(data, full, model={}, init_from=str(warm / "model"), max_steps=1, optim=dict(warmup_ratio=1.0)))
     a, b = _model_params(warm / "model"), _model_params(full / "model")
     assert a.keys() == b.keys()
     for k in a:
@@ -226,7 +227,7 @@ def test_init_from_a_converted_checkpoint(data, tmp_path, torch_threads):
     (src / "config.json").write_text(json.dumps(cfg.to_tinyllava()))
     import_checkpoint(tmp_path / "conv", src, progress=False)
     run(config(data, tmp_path / "out", model={}, init_from=str(tmp_path / "conv"), max_steps=1,
-               optim=dict(lr=0.0)))
+               optim=dict(warmup_ratio=1.0)))  # lr 0: the first step of a linear warmup
     a, b = _model_params(tmp_path / "conv"), _model_params(tmp_path / "out" / "model")
     assert a.keys() == b.keys()
     for k in a:

@@ -2,7 +2,8 @@
 
 A record is ``{"id", "audio": str | [str], "time": [s, e] | [[s, e] | null, ...] (optional),
 "conversations": [{"from": "human" | "gpt", "value": ...}, ...]}``. Audio paths are relative
-to ``audio_root`` unless absolute.
+to ``audio_root`` unless absolute; without one, to the dataset file's folder
+(:func:`audio_root_for`, the one rule of training and ``validate``).
 
 A bad record never stops a run: it is skipped with a one-line warning that names its id and the
 reason, and counted per reason in :class:`SkipCounter`. The reasons are:
@@ -164,16 +165,24 @@ def iter_samples(records: Iterable, *, template: Template, tokenizer, audio_root
             counter.skip(*item)
 
 
+def audio_root_for(dataset: str | Path, audio_root: str | Path | None = None) -> str:
+    """The folder that a dataset's relative audio paths are resolved against: ``audio_root`` when
+    given, else the dataset file's own folder (so a dataset and its audio can move together).
+    Training and ``validate`` both use this, so a file that validates also trains."""
+    return str(audio_root) if audio_root is not None else str(Path(dataset).parent)
+
+
 def validate(path: str | Path, *, template: Template, tokenizer=None, audio_root=None, seq_len: int | None = None,
              tokens_per_chunk: int = 300, progress: bool = True) -> tuple[int, SkipCounter]:
     """Scan a dataset: (number of good samples, skip counts by reason). Structure, audio files,
     segments and tag counts are always checked; with a ``tokenizer`` also the templates' label
     masks and, with ``seq_len``, whether each sample fits a row of that many tokens once its audio
-    is expanded (``too_long``)."""
+    is expanded (``too_long``). Relative audio paths resolve as in training (:func:`audio_root_for`)."""
     from tqdm.auto import tqdm
 
     counter = SkipCounter()
     records = read_records(path, counter)
+    audio_root = audio_root_for(path, audio_root)
     good = 0
     for s in tqdm(iter_samples(records, template=template, tokenizer=tokenizer, audio_root=audio_root,
                                counter=counter), total=len(records), desc="validate", disable=not progress):
@@ -187,17 +196,26 @@ def validate(path: str | Path, *, template: Template, tokenizer=None, audio_root
 
 
 def dataset_tokenizer(path: str | Path):
-    """``AutoTokenizer`` from a checkpoint or tokenizer directory (never remote code)."""
+    """``AutoTokenizer`` from a checkpoint or tokenizer directory (never remote code). A path that
+    is not a directory is an error naming it here, rather than Hugging Face's complaint about a
+    malformed hub repo id; a directory without tokenizer files is reported with its path too."""
+    import errno
     import json
 
     from transformers import AutoTokenizer, PretrainedConfig
 
+    if not Path(path).is_dir():
+        why = "not a directory" if Path(path).exists() else "no such directory"
+        raise FileNotFoundError(errno.ENOENT, f"{why} (expected a tokenizer or checkpoint directory)", str(path))
     kw = {}
     cfg = Path(path) / "config.json"
     if cfg.exists() and json.loads(cfg.read_text()).get("model_type") == "tinyllava":
         # transformers does not know TinyLLaVA's config: without this it warns that the directory's
         # model type does not match; the tokenizer files name their own class
         kw["config"] = PretrainedConfig()
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **kw)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False, **kw)
+    except (OSError, ValueError) as e:  # no tokenizer files, or files it cannot read
+        raise OSError(f"{path}: cannot load a tokenizer there ({' '.join(str(e).split())})") from e
 
 
