@@ -10,7 +10,10 @@ Layout (written by ``convert_weights.py import`` and by training's export alike)
 
 A training run's own checkpoints (``OUTPUT_DIR/checkpoints/<step>/``: the trainable state and the
 loader's position, never the frozen weights) are Orbax's standard layout; their reader and writer
-are at the end of this module.
+live with the rest of the run directory, in :mod:`mufun_jax.run_dir`.
+
+A damaged directory (a parameter's folder, its ``zarr.json`` or a data chunk gone or cut short)
+is reported as a :class:`CheckpointError` that names the parameter and the file.
 
 Plain per-parameter arrays let the converter stream one parameter at a time, and let the exporter
 read one layer of a stacked parameter at a time. Writes go to a hidden sibling that is renamed
@@ -490,44 +493,3 @@ def load_model(path, run: RunSettings | None = None, *, mesh=None, adapter=None)
             del host
     nnx.replace_by_pure_dict(state, params)
     return nnx.merge(graphdef, state)
-
-
-# -- training runs' checkpoints (state + loader position, one per saved step) ------------------------
-
-
-def train_checkpoint_manager(output_dir, keep: int, async_checkpointing: bool = True):
-    """The Orbax manager of a training run's ``OUTPUT_DIR/checkpoints/<step>/``."""
-    import orbax.checkpoint as ocp
-
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_checkpointing,
-                                           cleanup_tmp_directories=True, create=True)
-    return ocp.CheckpointManager(epath(output_dir) / "checkpoints", options=options)
-
-
-def save_train_state(mngr, step: int, state: dict, loader_state: dict) -> None:
-    """The state without its frozen parameters (they never change: see ``Trainer.init_frozen``)."""
-    import orbax.checkpoint as ocp
-
-    saved = {k: v for k, v in state.items() if k != "frozen"}
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved), data=ocp.args.JsonSave(loader_state)),
-              force=True)
-
-
-def restore_train_state(mngr, step: int, abstract_state: dict) -> tuple[dict, dict]:
-    """The saved state and loader position of ``step``; a checkpoint that does not fit
-    ``abstract_state`` (resumed with ``--force`` under another model) is a CheckpointError naming it."""
-    import orbax.checkpoint as ocp
-
-    try:
-        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                                         data=ocp.args.JsonRestore()))
-    except ValueError as e:
-        raise CheckpointError(f"{mngr.directory / str(step)}: does not fit this config's train state: {e}") from e
-    return out["state"], out["data"]
-
-
-def epath(p):
-    """A local path made absolute (Orbax requires it), or a ``gs://`` path as it is."""
-    from etils import epath as ep
-
-    return ep.Path(p if "://" in str(p) else Path(p).resolve())

@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 
 from mufun_jax.config import MODULES, LoraConfig, MuFunConfig
+from mufun_jax.torch_files import CheckpointError
 from mufun_jax.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,6 @@ def check_inputs(cfg: TrainConfig) -> None:
 
 def newest_step(output_dir) -> int | None:
     """The newest checkpoint step saved under ``output_dir`` (Orbax's ``checkpoints/<step>``), or None."""
-    from mufun_jax.checkpoint import epath
-
     ckpts = epath(output_dir) / "checkpoints"
     if not ckpts.is_dir():
         return None
@@ -86,8 +85,6 @@ def differences(saved: dict, new: dict) -> list[str]:
 def check_resume(cfg: TrainConfig, force: bool = False) -> int | None:
     """The step a run in ``cfg.output_dir`` resumes from (None: a fresh run); raises
     :class:`ResumeMismatchError` when its checkpoints belong to another model or trainable set."""
-    from mufun_jax.checkpoint import epath
-
     step = newest_step(cfg.output_dir)
     if step is None:
         return None
@@ -119,8 +116,6 @@ def prepare(cfg: TrainConfig, *, force: bool = False, write: bool = True):
     where ``write``: process 0). Returns the directory (an ``epath.Path``). The config is written
     by :func:`write_config` once the state is built: a ``--force`` resume that fails to restore
     leaves the saved config, the record of what the checkpoints are, as it was."""
-    from mufun_jax.checkpoint import epath
-
     check_resume(cfg, force)
     out = epath(cfg.output_dir)
     if write:
@@ -140,3 +135,44 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+# -- the run's checkpoints (state + loader position, one per saved step) -------------------------------
+
+
+def train_checkpoint_manager(output_dir, keep: int, async_checkpointing: bool = True):
+    """The Orbax manager of a training run's ``OUTPUT_DIR/checkpoints/<step>/``."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_checkpointing,
+                                           cleanup_tmp_directories=True, create=True)
+    return ocp.CheckpointManager(epath(output_dir) / "checkpoints", options=options)
+
+
+def save_train_state(mngr, step: int, state: dict, loader_state: dict) -> None:
+    """The state without its frozen parameters (they never change: see ``Trainer.init_frozen``)."""
+    import orbax.checkpoint as ocp
+
+    saved = {k: v for k, v in state.items() if k != "frozen"}
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved), data=ocp.args.JsonSave(loader_state)),
+              force=True)
+
+
+def restore_train_state(mngr, step: int, abstract_state: dict) -> tuple[dict, dict]:
+    """The saved state and loader position of ``step``; a checkpoint that does not fit
+    ``abstract_state`` (resumed with ``--force`` under another model) is a CheckpointError naming it."""
+    import orbax.checkpoint as ocp
+
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                                         data=ocp.args.JsonRestore()))
+    except ValueError as e:
+        raise CheckpointError(f"{mngr.directory / str(step)}: does not fit this config's train state: {e}") from e
+    return out["state"], out["data"]
+
+
+def epath(p):
+    """A local path made absolute (Orbax requires it), or a ``gs://`` path as it is."""
+    from etils import epath as ep
+
+    return ep.Path(p if "://" in str(p) else Path(p).resolve())

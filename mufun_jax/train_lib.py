@@ -387,11 +387,11 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
     out = run_dir.prepare(cfg, force=force, write=main)
     trainer = Trainer(cfg, model_cfg, mesh)
     loader = make_loader(cfg, model_cfg, tokenizer, mesh)
-    mngr = checkpoint.train_checkpoint_manager(cfg.output_dir, cfg.keep, cfg.async_checkpointing)
+    mngr = run_dir.train_checkpoint_manager(cfg.output_dir, cfg.keep, cfg.async_checkpointing)
     start = mngr.latest_step()
     key = jax.random.key(cfg.seed)
     if start is not None:
-        state, loader_state = checkpoint.restore_train_state(mngr, start, trainer.abstract_checkpoint())
+        state, loader_state = run_dir.restore_train_state(mngr, start, trainer.abstract_checkpoint())
         has_frozen = bool(trainer.state_shardings["frozen"])
         params = load_init_params(trainer, cfg.init_from) if cfg.init_from and has_frozen else None
         state["frozen"] = trainer.init_frozen(key, params)
@@ -456,7 +456,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
                                 refresh=False)
             bar.update(1)
             if step % cfg.save_every == 0 or step == cfg.max_steps:
-                checkpoint.save_train_state(mngr, step, state, loader.get_state())
+                run_dir.save_train_state(mngr, step, state, loader.get_state())
             if cfg.data.eval_dataset and cfg.eval_every and step % cfg.eval_every == 0:
                 last_eval = (step, evaluate(trainer, state, cfg, tokenizer))
                 writer.write(step, last_eval[1])
@@ -464,7 +464,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
                 on_step(step, m)
             if watch.reached(step):
                 if mngr.latest_step() != step:
-                    checkpoint.save_train_state(mngr, step, state, loader.get_state())
+                    run_dir.save_train_state(mngr, step, state, loader.get_state())
                 mngr.wait_until_finished()
                 bar.close()
                 took = time.perf_counter() - watch.signal_at
@@ -474,7 +474,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
                         "skipped": dict(loader.counter)}
         bar.close()
         if mngr.latest_step() != step:
-            checkpoint.save_train_state(mngr, step, state, loader.get_state())
+            run_dir.save_train_state(mngr, step, state, loader.get_state())
         mngr.wait_until_finished()
         if cfg.data.eval_dataset:
             if last_eval is None or last_eval[0] != step:

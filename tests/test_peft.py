@@ -4,7 +4,7 @@ real ``peft`` library on the PyTorch reference, plus the merged export and our o
 One cheap run directory: the tiny model's base weights come from the torch reference (saved as the
 run's ``init_from``); the run trains the connector in full and the LLM with LoRA (rank 4). Instead of
 training, its adapters get random values (``lora_b`` not zero) and its connector random changes, and
-one checkpoint is written with the trainer's own ``checkpoint.save_train_state``. fp32 throughout; tolerance
+one checkpoint is written with the trainer's own ``run_dir.save_train_state``. fp32 throughout; tolerance
 FP32_TOL = 1e-4 x max |reference logit|.
 """
 
@@ -22,7 +22,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from conftest import FP32_TOL, rel_err
 from helpers import random_mel, small_cfg
-from mufun_jax import checkpoint, train_lib
+from mufun_jax import checkpoint, run_dir, train_lib
 from mufun_jax.cli import convert_main
 from mufun_jax.config import IMAGE_TOKEN_INDEX as AUDIO
 from mufun_jax.convert import torch_to_flax
@@ -73,8 +73,8 @@ def setup(tmp_path_factory, torch_threads):
     state = {"step": jnp.asarray(5, jnp.int32), "params": trainable,
              "opt_state": train_lib.make_optimizer(tcfg).init(trainable),
              "rng": jax.random.key_data(jax.random.key(0))}
-    mngr = checkpoint.train_checkpoint_manager(tcfg.output_dir, tcfg.keep)
-    checkpoint.save_train_state(mngr, 5, state, {"position": 5})
+    mngr = run_dir.train_checkpoint_manager(tcfg.output_dir, tcfg.keep)
+    run_dir.save_train_state(mngr, 5, state, {"position": 5})
     mngr.wait_until_finished()
     mngr.close()
     (d / "run" / "train_config.json").write_text(json.dumps(tcfg.to_dict()))
