@@ -207,3 +207,19 @@ def log_mel_spectrogram(waves, n_mels: int = 128):
     log_spec = jnp.log10(jnp.maximum(mel, 1e-10))
     log_spec = jnp.maximum(log_spec, log_spec.max(axis=(1, 2), keepdims=True) - 8.0)
     return (log_spec + 4.0) / 4.0
+
+
+def engine_input(a, whisper) -> tuple[str, np.ndarray]:
+    """One audio as the engine takes it -> ("waves", (k, 480000)) or ("mel", (k, n_mels, 3000)):
+    waveform chunks, a list of 1-D chunks, a 1-D waveform, or log-mel chunks of ``whisper``'s shape."""
+    if isinstance(a, (list, tuple)):
+        return "waves", pad_chunks([np.asarray(c, np.float32) for c in a])
+    a = np.asarray(a, np.float32)
+    if a.ndim == 1:
+        return "waves", pad_chunks(chunk(a))
+    if a.ndim == 2 and a.shape[1] == CHUNK_SAMPLES:
+        return "waves", a
+    if a.ndim == 3 and a.shape[1:] == (whisper.num_mel_bins, whisper.num_frames):
+        return "mel", a
+    raise ValueError(f"an audio must be waveform chunks (k, {CHUNK_SAMPLES}), a list of 1-D chunks, a 1-D waveform "
+                     f"or log-mel (k, {whisper.num_mel_bins}, {whisper.num_frames}); got shape {a.shape}")

@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections
 import functools
 import hashlib
-import math
 import time
 from typing import Iterable, Iterator, Sequence
 
@@ -45,37 +44,13 @@ from flax import nnx
 from mufun_jax import audio as audio_lib
 from mufun_jax import generate as dev
 from mufun_jax.config import ENDOFTEXT_ID, IM_END_ID, IMAGE_TOKEN_INDEX, check_sampling
-from mufun_jax.generate import GenerationOutput, Request, ScoreOutput
+from mufun_jax import scoring
+from mufun_jax.generate import GenerationOutput, Request, ScoreOutput, bucket, pow2_upto, stop_array
 from mufun_jax.lru import LRUCache
 from mufun_jax.models.qwen3 import KVCache
 from mufun_jax.splice import expand_placeholders
 
 DEFAULT_EOS_TOKEN_ID = (IM_END_ID, ENDOFTEXT_ID)  # `<|im_end|>` ends an instruct answer, `<|endoftext|>` a base one
-_STOP_PAD = 8  # stop-id arrays are padded to a multiple of this, so their count rarely changes the shape
-
-
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if n <= b:
-            return b
-    raise AssertionError(n)  # callers check the limit first
-
-
-def _pow2_upto(limit: int) -> tuple[int, ...]:
-    out, b = [], 1
-    while b < limit:
-        out.append(b)
-        b *= 2
-    return tuple(out) + (limit,)
-
-
-def _stop_array(eos_token_id) -> np.ndarray:
-    ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, (int, np.integer))
-                                           else list(eos_token_id))
-    n = max(_STOP_PAD, math.ceil(len(ids) / _STOP_PAD) * _STOP_PAD)
-    return np.asarray(ids + [-1] * (n - len(ids)), np.int32)
-
-
 class _Job:
     """One request on its way: validated inputs, cache keys, and its answer so far."""
 
@@ -134,9 +109,9 @@ class Generator:
         tpc = self.cfg.tokens_per_chunk
         self.max_chunks = int(max_chunks) if max_chunks is not None else max(self.buckets[-1] // tpc, 1)
         self.prefill_batch = int(prefill_batch or batch_size)
-        self.batch_sizes = _pow2_upto(self.prefill_batch)
+        self.batch_sizes = pow2_upto(self.prefill_batch)
         limit = int(max_batch_chunks) if max_batch_chunks is not None else self.prefill_batch * self.max_chunks
-        self.chunk_buckets = tuple(chunk_buckets) if chunk_buckets is not None else _pow2_upto(limit)
+        self.chunk_buckets = tuple(chunk_buckets) if chunk_buckets is not None else pow2_upto(limit)
         if list(self.chunk_buckets) != sorted(set(self.chunk_buckets)) or self.chunk_buckets[-1] < self.max_chunks:
             raise ValueError(f"chunk_buckets={list(self.chunk_buckets)} must increase and reach max_chunks="
                              f"{self.max_chunks}")
@@ -201,21 +176,6 @@ class Generator:
 
     # -- inputs --------------------------------------------------------------------------------
 
-    def _audio_chunks(self, a) -> tuple[str, np.ndarray]:
-        """One audio -> ("waves", (k, 480000)) or ("mel", (k, n_mels, 3000))."""
-        if isinstance(a, (list, tuple)):
-            return "waves", audio_lib.pad_chunks([np.asarray(c, np.float32) for c in a])
-        a = np.asarray(a, np.float32)
-        if a.ndim == 1:
-            return "waves", audio_lib.pad_chunks(audio_lib.chunk(a))
-        if a.ndim == 2 and a.shape[1] == audio_lib.CHUNK_SAMPLES:
-            return "waves", a
-        w = self.cfg.whisper
-        if a.ndim == 3 and a.shape[1:] == (w.num_mel_bins, w.num_frames):
-            return "mel", a
-        raise ValueError(f"an audio must be waveform chunks (k, {audio_lib.CHUNK_SAMPLES}), a list of 1-D chunks, "
-                         f"a 1-D waveform or log-mel (k, {w.num_mel_bins}, {w.num_frames}); got shape {a.shape}")
-
     def _prepare(self, request, index: int = 0, extra_tokens: int = 0):
         """Validate one request; returns (input_ids, chunks per audio, kinds, [audio arrays], keys)."""
         ids = [int(x) for x in request.input_ids]
@@ -225,7 +185,7 @@ class Generator:
         kinds, arrays = [], []
         for j, a in enumerate(raw):
             try:
-                kind, arr = self._audio_chunks(a)
+                kind, arr = audio_lib.engine_input(a, self.cfg.whisper)
             except ValueError as e:
                 raise ValueError(f"request {index}, audio {j}: {e}") from None
             kinds.append(kind)
@@ -295,7 +255,7 @@ class Generator:
                 while items and (not group or n + len(items[0][1]) <= self.chunk_buckets[-1]):
                     group.append(items.pop(0))
                     n += len(group[-1][1])
-                c = _bucket(n, self.chunk_buckets)
+                c = bucket(n, self.chunk_buckets)
                 fill = self._spare_audios(spare, kind, c - n, todo, found) if c > n else []
                 group += fill
                 n += sum(len(a) for _, a in fill)
@@ -346,11 +306,11 @@ class Generator:
         by_bucket = collections.defaultdict(list)
         for job in todo.values():
             n = job.cut - len(job.cpa) + tpc * sum(job.cpa)
-            by_bucket[_bucket(n, self.buckets)].append(job)
+            by_bucket[bucket(n, self.buckets)].append(job)
         for length, group in by_bucket.items():
             for start in range(0, len(group), self.prefill_batch):
                 part = group[start:start + self.prefill_batch]
-                b = _bucket(len(part), self.batch_sizes)
+                b = bucket(len(part), self.batch_sizes)
                 ids = np.full((b, length), self.pad_token_id, np.int32)
                 slots = np.full((b, length), -1, np.int32)
                 embs, offset, lens = [], 0, []
@@ -361,7 +321,7 @@ class Generator:
                     embs += [embeds[k] for k in job.keys]
                     offset += sum(job.cpa)
                     lens.append(len(e_ids))
-                c = _bucket(offset, self.chunk_buckets)
+                c = bucket(offset, self.chunk_buckets)
                 emb = jnp.concatenate(embs + ([jnp.zeros((c - offset,) + embs[0].shape[1:], embs[0].dtype)]
                                               if c > offset else []))
                 kv = self._timed("prefill", self._prefix, state, ids, slots, emb)
@@ -382,14 +342,14 @@ class Generator:
             pre = prefixes[job.prefix_key] if job.cut else None
             p_len = 0 if pre is None else pre[1]
             p_bucket = 0 if pre is None else pre[0].k.shape[2]  # (layers, kv_heads, len, head_dim)
-            groups[(p_bucket, _bucket(len(job.ids) - job.cut, self.suffix_buckets))].append((job, pre, p_len))
+            groups[(p_bucket, bucket(len(job.ids) - job.cut, self.suffix_buckets))].append((job, pre, p_len))
         done = []
         # Slots can free up faster than one prefill batch admits (batch_size > prefill_batch): a
         # group runs in pieces of at most prefill_batch rows, each padded to a compiled batch size.
         pieces = [(key, group[i:i + self.prefill_batch]) for key, group in groups.items()
                   for i in range(0, len(group), self.prefill_batch)]
         for (p_bucket, s_bucket), group in pieces:
-            b = _bucket(len(group), self.batch_sizes)
+            b = bucket(len(group), self.batch_sizes)
             suffix = np.full((b, s_bucket), self.pad_token_id, np.int32)
             s_len, p_len = np.ones((b,), np.int32), np.zeros((b,), np.int32)
             slots = np.full((b,), self.batch_size, np.int32)  # out of range: padding rows write nothing
@@ -441,7 +401,7 @@ class Generator:
         cap = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
         if not 1 <= cap <= self.max_new_tokens:
             raise ValueError(f"max_new_tokens={cap} must be in [1, {self.max_new_tokens}] (the generator's cache size)")
-        stop_ids = _stop_array(self.eos_token_id if eos_token_id is ... else eos_token_id)
+        stop_ids = stop_array(self.eos_token_id if eos_token_id is ... else eos_token_id)
 
         def make_jobs():
             for i, r in enumerate(requests):
@@ -508,7 +468,7 @@ class Generator:
             if not live.any():
                 continue
             before = self._pos.copy()
-            span = _bucket(min(int(before[live].max()) + self.decode_steps, self.max_len), self.spans)
+            span = bucket(min(int(before[live].max()) + self.decode_steps, self.max_len), self.spans)
             out = self._timed("decode", self._decode, state, self._cache, tokens, before, live, remaining, steps,
                               seeds, temp, topk, topp, stop_ids, span=span)
             self._cache = out[0]
@@ -534,48 +494,6 @@ class Generator:
     # -- scoring -------------------------------------------------------------------------------
 
     def score(self, request: Request, candidates: Sequence[Sequence[int]]) -> list[ScoreOutput]:
-        """Log-likelihood of each candidate continuation after ``request``'s prompt, teacher-forced:
-        one row per candidate (prompt + candidate, ``segment_ids`` marking the real tokens) in one
-        forward pass without cache. For multiple-choice evaluation rank by ``total`` (or ``mean``)."""
-        if not candidates:
-            return []
-        cands = [[int(x) for x in c] for c in candidates]
-        for j, c in enumerate(cands):
-            if not c or min(c) < 0:
-                raise ValueError(f"candidate {j} must be a non-empty list of token ids, got {c}")
-        longest = max(len(c) for c in cands)
-        ids, cpa, kinds, arrays, _ = self._prepare(request, extra_tokens=longest)
-        if len(set(kinds)) > 1:
-            raise ValueError("score: the request mixes waveform and log-mel audios; pass one kind")
-        e_ids, _, slots = expand_placeholders(ids, cpa, tokens_per_chunk=self.cfg.tokens_per_chunk)
-        p = len(e_ids)
-        t = _bucket(p + longest, self.buckets)
-        k = 1 << (longest - 1).bit_length()  # candidate length bucket: the next power of two
-        audio = None
-        if arrays:
-            n = sum(cpa)
-            x = np.concatenate(arrays)
-            audio = np.concatenate([x, np.zeros((_bucket(n, self.chunk_buckets) - n,) + x.shape[1:], np.float32)])
-        state = nnx.state(self.model)
-        out = []
-        b = self.batch_size
-        for start in range(0, len(cands), b):
-            group = cands[start:start + b]
-            input_ids = np.full((b, t), self.pad_token_id, np.int32)
-            audio_slots = np.full((b, t), -1, np.int32)
-            segment_ids = np.zeros((b, t), np.int32)
-            gather_pos, targets = np.zeros((b, k), np.int32), np.zeros((b, k), np.int32)
-            valid = np.zeros((b, k), bool)
-            for r, c in enumerate(group):
-                n = len(c)
-                input_ids[r, :p], input_ids[r, p:p + n] = e_ids, c
-                audio_slots[r, :p] = slots
-                segment_ids[r, :p + n] = 1
-                gather_pos[r, :n] = p - 1 + np.arange(n)
-                targets[r, :n] = c
-                valid[r, :n] = True
-            lp = np.asarray(self._score(state, input_ids, audio_slots, audio, segment_ids, gather_pos, targets, valid))
-            for r, c in enumerate(group):
-                tl = lp[r, :len(c)].copy()
-                out.append(ScoreOutput(float(tl.astype(np.float64).sum()), tl))
-        return out
+        """Log-likelihood of each candidate continuation after ``request``'s prompt (see
+        :func:`mufun_jax.scoring.score`). For multiple-choice evaluation rank by ``total``."""
+        return scoring.score(self, request, candidates)

@@ -19,6 +19,7 @@ suffixes on top; :func:`decode_chunk` then advances every slot a few tokens at a
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Sequence
 
 import jax
@@ -233,3 +234,31 @@ def score_positions(model, input_ids, audio_slots, audio, segment_ids, gather_po
     lp = jax.nn.log_softmax(model.logits(hs), axis=-1)
     lp = jnp.take_along_axis(lp, jnp.maximum(targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.where(valid, lp, 0.0)
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest of ``buckets`` (increasing) that holds ``n``: static shapes, padded on the host."""
+    for b in buckets:
+        if n <= b:
+            return b
+    raise AssertionError(n)  # callers check the limit first
+
+
+def pow2_upto(limit: int) -> tuple[int, ...]:
+    """1, 2, 4, ... below ``limit``, then ``limit``: the batch sizes a run compiles."""
+    out, b = [], 1
+    while b < limit:
+        out.append(b)
+        b *= 2
+    return tuple(out) + (limit,)
+
+
+STOP_PAD = 8  # stop-id arrays are padded to a multiple of this, so their count rarely changes the shape
+
+
+def stop_array(eos_token_id) -> np.ndarray:
+    """Stop ids as a fixed-size int32 array padded with -1 (a shape that rarely changes)."""
+    ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, (int, np.integer))
+                                           else list(eos_token_id))
+    n = max(STOP_PAD, math.ceil(len(ids) / STOP_PAD) * STOP_PAD)
+    return np.asarray(ids + [-1] * (n - len(ids)), np.int32)
