@@ -135,7 +135,7 @@ def plot(results: dict, path) -> None:
     for j, m in enumerate(models):
         accs = [100 * (results["models"][m]["subsets"][s]["accuracy"] or 0) for s in subsets]
         ci = [results["models"][m]["subsets"][s]["ci95"] for s in subsets]
-        err = [[a - 100 * c[0] for a, c in zip(accs, ci)], [100 * c[1] - a for a, c in zip(accs, ci)]]
+        err = [[max(0.0, a - 100 * c[0]) for a, c in zip(accs, ci)], [max(0.0, 100 * c[1] - a) for a, c in zip(accs, ci)]]
         avg = results["models"][m]["average"]
         ax.bar([i + (j - (len(models) - 1) / 2) * w for i in range(len(subsets))], accs, w, yerr=err, capsize=2,
                label=f"{m} (avg {_pct(avg)})")
