@@ -34,7 +34,7 @@ from mufun_jax.evaluate import data as data_lib
 from mufun_jax.evaluate import run as run_lib
 from mufun_jax.evaluate.cli import main
 from mufun_jax.evaluate.extract import OpenAIExtractor, regex_extract
-from mufun_jax.evaluate.scoring import mcnemar_exact, summarize, wilson
+from mufun_jax.evaluate.scoring import mcnemar_exact, summarize, wilson, write_reports
 from torch_reference import TorchMuFun
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,7 +260,7 @@ def test_regex_extractor_table():
     assert not bad
 
 
-def test_scores_as_the_leaderboard_forms_them():
+def test_scores_as_the_leaderboard_forms_them(tmp_path):
     recs = [{"id": i, "model": m, "subset": s, "correct": c, **({"error": "x"} if e else {})}
             for i, m, s, c, e in [(0, "m1", "X", True, 0), (1, "m1", "X", True, 0), (2, "m1", "X", False, 1),
                                   (3, "m1", "Y", True, 0),
@@ -278,6 +278,13 @@ def test_scores_as_the_leaderboard_forms_them():
     assert res["paired"]["all"]["a_only"] == 2 and res["paired"]["all"]["b_only"] == 1
     assert mcnemar_exact(1, 4) == pytest.approx(2 * (1 + 5) / 32)
     assert mcnemar_exact(0, 10) == pytest.approx(2 / 1024)
+    write_reports(res, tmp_path)
+    md = (tmp_path / "results.md").read_text()
+    assert "| subset | n | m1 | m2 | m2 − m1 | McNemar p |" in md
+    assert "| X | 3 | 66.7 [20.8, 93.9] (1 err) | 66.7 [20.8, 93.9] | +0.0 | 1 |" in md
+    assert "| **average** |  | 83.3 | 33.3 | -50.0 | 1 (items) |" in md
+    assert json.loads((tmp_path / "results.json").read_text()) == res
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 class _Stub(http.server.BaseHTTPRequestHandler):
@@ -437,9 +444,23 @@ def test_killed_run_resumes_and_shards_merge(setup, tmp_path):
         r = run_lib.evaluate([("tiny", api)], sources, sh, settings=settings(data_root=pq), shard=(i, 3))
         assert r["results"] is None and len(r["records"]) == 5
     assert not (sh / "answers.jsonl").exists()
-    merged = run_lib.merge(["tiny"], sources, sh)
+    assert main([f"tiny={d / 'conv'}", "--data", str(pq), "--out", str(sh), "--merge"]) == 0
     assert _jsonl(sh / "answers.jsonl") == want
-    assert merged["results"] == clean["results"] == json.loads((sh / "results.json").read_text())
+    assert json.loads((sh / "results.json").read_text()) == clean["results"]
     (sh / "answers.shard-1-of-3.jsonl").unlink()
     with pytest.raises(ValueError, match=r"shards \[1\] of 3 are missing"):
         run_lib.merge(["tiny"], sources, sh)
+
+
+def test_likelihood_mode_answers_with_the_argmax(setup, both_run, tmp_path):
+    d, *_, api, subsets = setup
+    res = run_lib.evaluate([("tiny", api)], data_lib.load_subsets(d / "mucue", ["Genre"]), tmp_path,
+                           settings=settings(mode="likelihood", data_root=d / "mucue"))
+    both = {r["id"]: r for r in both_run[1]["records"]}
+    for r in res["records"]:
+        b = both[r["id"]]
+        assert r["scores"] == b["scores"] and r["pred_choice"] == b["likelihood_choice"]
+        assert r["raw_response"] == dict(data_lib.parse_options(r["prompt"].split("? ", 1)[1]))[r["pred_choice"]]
+        assert r["correct"] == (r["pred_choice"] == r["correct_choice"])
+    acc = json.loads((tmp_path / "results.json").read_text())["models"]["tiny"]["subsets"]["Genre"]["accuracy"]
+    assert acc == sum(r["correct"] for r in res["records"]) / 3
