@@ -464,3 +464,33 @@ def test_likelihood_mode_answers_with_the_argmax(setup, both_run, tmp_path):
         assert r["correct"] == (r["pred_choice"] == r["correct_choice"])
     acc = json.loads((tmp_path / "results.json").read_text())["models"]["tiny"]["subsets"]["Genre"]["accuracy"]
     assert acc == sum(r["correct"] for r in res["records"]) / 3
+
+
+def test_a_file_that_is_not_ours_is_refused_untouched(setup, tmp_path):
+    from mufun_jax.outputs import ResultsFileError
+
+    d, *_, api, _ = setup
+    foreign = '{"id": 0, "answer": "infer.py wrote this"}\n'
+    (tmp_path / "answers.jsonl").write_text(foreign)
+    with pytest.raises(ResultsFileError, match="mufun-eval's output"):
+        run_lib.evaluate([("tiny", api)], data_lib.load_subsets(d / "mucue"), tmp_path, settings=settings())
+    assert (tmp_path / "answers.jsonl").read_text() == foreign
+    assert main([str(d / "conv"), "--data", str(d / "mucue"), "--out", str(tmp_path), "--no-progress"]) == 2
+    assert (tmp_path / "answers.jsonl").read_text() == foreign
+
+
+def test_two_models_side_by_side(setup, both_run, tmp_path):
+    """Two names over one model: every answer is the single run's, and the paired columns agree."""
+    d, *_, api, _ = setup
+    res = run_lib.evaluate([("base", api), ("tuned", api)], data_lib.load_subsets(d / "mucue"), tmp_path,
+                           settings=settings(data_root=d / "mucue"))
+    single = {r["id"]: r for r in both_run[1]["records"]}
+    assert [r["model"] for r in res["records"]] == ["base"] * 8 + ["tuned"] * 8
+    for r in res["records"]:
+        assert r.get("raw_response") == single[r["id"]].get("raw_response") and r.get("error") == single[r["id"]].get(
+            "error")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["models"]["base"] == results["models"]["tuned"]
+    assert results["paired"]["all"] == {"a_only": 0, "b_only": 0, "p": 1.0}
+    md = (tmp_path / "results.md").read_text()
+    assert "| subset | n | base | tuned | tuned − base | McNemar p |" in md and "| +0.0 |" in md
