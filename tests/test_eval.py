@@ -494,3 +494,27 @@ def test_two_models_side_by_side(setup, both_run, tmp_path):
     assert results["paired"]["all"] == {"a_only": 0, "b_only": 0, "p": 1.0}
     md = (tmp_path / "results.md").read_text()
     assert "| subset | n | base | tuned | tuned − base | McNemar p |" in md and "| +0.0 |" in md
+
+
+def test_demo_clips_as_multiple_choice(setup, tmp_path, capsys):
+    """The demo's held-out clips become one subset per task, and its summary is read from results.json."""
+    from mufun_jax import demo
+    from mufun_jax.data.synth import TASKS
+
+    d, *_, api, _ = setup
+    demo.prepare(tmp_path / "data", n_train=4, n_eval=6)
+    held_out = json.loads((tmp_path / "data" / "eval.json").read_text())
+    items = {it.id: it for src in data_lib.load_subsets(demo.multiple_choice(tmp_path / "data")).values()
+             for it in src.items()}
+    assert len(items) == 6
+    for r in held_out:
+        it = items[r["id"]]
+        answers = list(TASKS[r["task"]][1].values())
+        assert it.subset == r["task"] and it.error is None
+        assert it.correct_choice == "ABCD"[answers.index(r["answer"])]
+    capsys.readouterr()
+    res = demo.evaluate_mc(api, tmp_path / "data", tmp_path / "mc", mode="both")
+    printed = capsys.readouterr().out
+    assert res == json.loads((tmp_path / "mc" / "results.json").read_text())
+    assert set(res["models"]["demo"]["subsets"]) == {r["task"] for r in held_out}
+    assert f"generated {res['models']['demo']['average']:.0%}, likelihood " in printed
