@@ -101,7 +101,8 @@ def evaluate_mc(model, data_dir: str | Path, out: str | Path, *, mode: str = "bo
     mc = multiple_choice(data_dir)
     loaded = model if isinstance(model, MuFun) else (
         lambda: MuFun.from_pretrained(model, batch_size=batch_size, max_new_tokens=64))
-    print(f"\n$ mufun-eval {'(loaded model)' if isinstance(model, MuFun) else model} --data {mc} --out {out} --mode {mode}", flush=True)
+    shown = "(loaded model)" if isinstance(model, MuFun) else model
+    print(f"\n$ mufun-eval {shown} --data {mc} --out {out} --mode {mode}", flush=True)
     run_lib.evaluate([("demo", loaded)], data_lib.load_subsets(mc), out,
                      settings=run_lib.Settings(mode=mode, progress=False))
     results = json.loads((Path(out) / "results.json").read_text())

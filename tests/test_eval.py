@@ -11,7 +11,6 @@ import dataclasses
 import functools
 import http.server
 import json
-import math
 import os
 import signal
 import subprocess

@@ -12,3 +12,6 @@ Importing this package is cheap: jax, datasets and matplotlib load only when use
 
 from mufun_jax.evaluate.data import PROTOCOL_PREFIX, load_subsets, protocol_prompt  # noqa: F401
 from mufun_jax.evaluate.extract import EXTRACT_TEMPLATE, OpenAIExtractor, protocol_message, regex_extract  # noqa: F401
+
+__all__ = ["PROTOCOL_PREFIX", "EXTRACT_TEMPLATE", "OpenAIExtractor", "load_subsets", "protocol_message",
+           "protocol_prompt", "regex_extract"]

@@ -101,7 +101,8 @@ class OpenAIExtractor:
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, headers=headers, method="GET" if body is None else "POST")
+        req = urllib.request.Request(self.url + path, data=data, headers=headers,
+                                     method="GET" if body is None else "POST")
         with urllib.request.urlopen(req, timeout=timeout or self.timeout) as r:
             return json.loads(r.read().decode("utf-8"))
 

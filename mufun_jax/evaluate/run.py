@@ -228,8 +228,8 @@ def evaluate(models: Sequence[tuple[str, Callable[[], Any] | Any]], sources: dic
             by_subset = collections.defaultdict(list)
             for sub, i, _ in todo:
                 by_subset[sub].append(i)
-            with tqdm(total=len(todo), desc=name, unit="item", disable=not settings.progress, dynamic_ncols=True) as bar, \
-                    ThreadPoolExecutor(max(1, settings.extract_workers)) as pool:
+            bar = tqdm(total=len(todo), desc=name, unit="item", disable=not settings.progress, dynamic_ncols=True)
+            with bar, ThreadPoolExecutor(max(1, settings.extract_workers)) as pool:
                 for sub, idx in by_subset.items():
                     for a in range(0, len(idx), settings.block):
                         block = _items_at(sources[sub], idx[a:a + settings.block])

@@ -112,7 +112,8 @@ def markdown(results: dict) -> str:
         f" / {_pct(results['models'][m]['likelihood_average'])}" if both else "") for m in models]
     if pair:
         a0, a1 = results["models"][models[0]]["average"], results["models"][models[1]]["average"]
-        avg += ["—" if None in (a0, a1) else f"{100 * (a1 - a0):+.1f}", f"{results['paired']['all']['p']:.3g} (items)"]
+        avg += ["—" if None in (a0, a1) else f"{100 * (a1 - a0):+.1f}",
+                f"{results['paired']['all']['p']:.3g} (items)"]
     lines.append("| " + " | ".join(avg) + " |")
     note = ("\nAccuracy in % with the Wilson 95% interval; the average is the mean of the subset accuracies "
             "(as MuCUE's leaderboard). Error items count as wrong.")
@@ -135,7 +136,8 @@ def plot(results: dict, path) -> None:
     for j, m in enumerate(models):
         accs = [100 * (results["models"][m]["subsets"][s]["accuracy"] or 0) for s in subsets]
         ci = [results["models"][m]["subsets"][s]["ci95"] for s in subsets]
-        err = [[max(0.0, a - 100 * c[0]) for a, c in zip(accs, ci)], [max(0.0, 100 * c[1] - a) for a, c in zip(accs, ci)]]
+        err = [[max(0.0, a - 100 * c[0]) for a, c in zip(accs, ci)],
+               [max(0.0, 100 * c[1] - a) for a, c in zip(accs, ci)]]
         avg = results["models"][m]["average"]
         ax.bar([i + (j - (len(models) - 1) / 2) * w for i in range(len(subsets))], accs, w, yerr=err, capsize=2,
                label=f"{m} (avg {_pct(avg)})")
