@@ -90,7 +90,8 @@ def multiple_choice(data_dir: str | Path, eval_file: str = "eval.json") -> Path:
     return out
 
 
-def evaluate_mc(model, data_dir: str | Path, out: str | Path, *, mode: str = "both", batch_size: int = 16) -> dict:
+def evaluate_mc(model, data_dir: str | Path, out: str | Path, *, mode: str = "both", batch_size: int = 16,
+                max_new_tokens: int = 64) -> dict:
     """``mufun-eval`` on :func:`multiple_choice`'s subsets with ``model`` (a model directory or a
     loaded ``mufun_jax.MuFun``); prints the accuracies read back from ``OUT/results.json``
     (generated with the regex extractor, and by likelihood) and returns that object."""
@@ -100,11 +101,11 @@ def evaluate_mc(model, data_dir: str | Path, out: str | Path, *, mode: str = "bo
 
     mc = multiple_choice(data_dir)
     loaded = model if isinstance(model, MuFun) else (
-        lambda: MuFun.from_pretrained(model, batch_size=batch_size, max_new_tokens=64))
+        lambda: MuFun.from_pretrained(model, batch_size=batch_size, max_new_tokens=max_new_tokens))
     shown = "(loaded model)" if isinstance(model, MuFun) else model
     print(f"\n$ mufun-eval {shown} --data {mc} --out {out} --mode {mode}", flush=True)
     run_lib.evaluate([("demo", loaded)], data_lib.load_subsets(mc), out,
-                     settings=run_lib.Settings(mode=mode, progress=False))
+                     settings=run_lib.Settings(mode=mode, max_new_tokens=max_new_tokens, progress=False))
     results = json.loads((Path(out) / "results.json").read_text())
     m = results["models"]["demo"]
     for task, e in m["subsets"].items():

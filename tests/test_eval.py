@@ -512,7 +512,7 @@ def test_demo_clips_as_multiple_choice(setup, tmp_path, capsys):
         assert it.subset == r["task"] and it.error is None
         assert it.correct_choice == "ABCD"[answers.index(r["answer"])]
     capsys.readouterr()
-    res = demo.evaluate_mc(api, tmp_path / "data", tmp_path / "mc", mode="both")
+    res = demo.evaluate_mc(api, tmp_path / "data", tmp_path / "mc", mode="both", max_new_tokens=MAX_NEW)
     printed = capsys.readouterr().out
     assert res == json.loads((tmp_path / "mc" / "results.json").read_text())
     assert set(res["models"]["demo"]["subsets"]) == {r["task"] for r in held_out}
