@@ -5,6 +5,7 @@ train a tiny MuFun in two stages, answer held-out clips in batches, and report.
   python -m mufun_jax.demo prepare DIR               # DIR/{train,eval}.json, DIR/audio/, DIR/tokenizer/
   python -m mufun_jax.demo evaluate MODEL DIR        # batched greedy answers for DIR/eval.json
   python -m mufun_jax.demo lora [--out runs/demo]    # after run: QLoRA teaches it a new instruction
+  python -m mufun_jax.demo mc MODEL DIR [--out D]    # held-out clips as MuCUE-style multiple choice (mufun-eval)
 
 ``run`` is what ``make demo`` calls. Its stages are the commands a user would type
 (``train.py --config configs/demo_warmup.yaml``, then ``configs/demo.yaml``), run in one process.
@@ -69,6 +70,50 @@ def evaluate(model_dir: str | Path, data_dir: str | Path, *, batch_size: int = 1
     if out is not None:
         Path(out).write_text(json.dumps(acc, indent=1))
     return acc
+
+
+def multiple_choice(data_dir: str | Path, eval_file: str = "eval.json") -> Path:
+    """The held-out clips as MuCUE-style multiple choice, one subset per task: each clip's question
+    with its task's answers as the options (``DIR/mc/eval.jsonl``, MuFun-style records, absolute
+    audio paths). ``mufun-eval`` then scores a demo model the way MuCUE scores MuFun."""
+    from mufun_jax.data.synth import TASKS
+
+    data_dir = Path(data_dir).resolve()
+    records = []
+    for r in json.loads((data_dir / eval_file).read_text()):
+        question, answers = TASKS[r["task"]]
+        records.append({"id": r["id"], "subset": r["task"], "question": question, "choices": list(answers.values()),
+                        "answer": r["answer"], "audio": str(data_dir / r["audio"])})
+    out = data_dir / "mc" / Path(eval_file).with_suffix(".jsonl").name
+    out.parent.mkdir(exist_ok=True)
+    out.write_text("".join(json.dumps(x) + "\n" for x in records))
+    return out
+
+
+def evaluate_mc(model, data_dir: str | Path, out: str | Path, *, mode: str = "both", batch_size: int = 16,
+                max_new_tokens: int = 64) -> dict:
+    """``mufun-eval`` on :func:`multiple_choice`'s subsets with ``model`` (a model directory or a
+    loaded ``mufun_jax.MuFun``); prints the accuracies read back from ``OUT/results.json``
+    (generated with the regex extractor, and by likelihood) and returns that object."""
+    from mufun_jax import MuFun
+    from mufun_jax.evaluate import data as data_lib
+    from mufun_jax.evaluate import run as run_lib
+
+    mc = multiple_choice(data_dir)
+    loaded = model if isinstance(model, MuFun) else (
+        lambda: MuFun.from_pretrained(model, batch_size=batch_size, max_new_tokens=max_new_tokens))
+    shown = "(loaded model)" if isinstance(model, MuFun) else model
+    print(f"\n$ mufun-eval {shown} --data {mc} --out {out} --mode {mode}", flush=True)
+    run_lib.evaluate([("demo", loaded)], data_lib.load_subsets(mc), out,
+                     settings=run_lib.Settings(mode=mode, max_new_tokens=max_new_tokens, progress=False))
+    results = json.loads((Path(out) / "results.json").read_text())
+    m = results["models"]["demo"]
+    for task, e in m["subsets"].items():
+        ll = f", likelihood {e['likelihood_accuracy']:.0%}" if mode == "both" else ""
+        print(f"multiple choice {task:<11} n={e['n']:<3d} generated {e['accuracy']:.0%}{ll}")
+    ll = f", likelihood {m['likelihood_average']:.0%}" if mode == "both" else ""
+    print(f"multiple choice average (mean of subsets): generated {m['average']:.0%}{ll}")
+    return results
 
 
 def _stage(config: Path, out: Path, overrides: list[str]) -> dict:
@@ -187,6 +232,12 @@ def main(argv=None) -> int:
     e.add_argument("model", help="a model directory written by train.py (OUTPUT_DIR/model)")
     e.add_argument("data_dir")
     e.add_argument("--batch-size", type=int, default=16)
+    mc = sub.add_parser("mc", help="score a trained model on the held-out clips as MuCUE-style multiple choice "
+                                   "through mufun-eval (DIR/mc/eval.jsonl; results.json in --out)")
+    mc.add_argument("model")
+    mc.add_argument("data_dir")
+    mc.add_argument("--out", default="runs/demo/mc")
+    mc.add_argument("--mode", choices=("generate", "likelihood", "both"), default="both")
     lo = sub.add_parser("lora", help="after run: the optional QLoRA stage (configs/demo_lora.yaml): a new "
                                      "instruction, accuracy before and after")
     lo.add_argument("--out", default="runs/demo")
@@ -197,6 +248,9 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "run":
         run(args.out, configs=args.configs, seed=args.seed)
+        return 0
+    if args.cmd == "mc":
+        evaluate_mc(args.model, args.data_dir, args.out, mode=args.mode)
         return 0
     if args.cmd == "prepare":
         prepare(args.out_dir, n_train=args.n_train, n_eval=args.n_eval, seed=args.seed)

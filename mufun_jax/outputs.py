@@ -58,7 +58,22 @@ class ResultsFile:
 
     ``done`` maps the ids already answered to their records; with ``retry_errors`` (the default)
     an error record does not count as done, and ``retried`` lists those ids. The file is changed
-    only at the first :meth:`write`: a run that fails before writing leaves it untouched."""
+    only at the first :meth:`write`: a run that fails before writing leaves it untouched.
+
+    Subclasses may key records otherwise (``mufun_jax.evaluate`` keys them by (model, id)) by
+    overriding :meth:`key_of` and :meth:`is_record`; ``in`` and :meth:`sort` then take such keys."""
+
+    tool = "infer.py"  # named in the message for a file that is not ours
+    record_shape = "an object with 'id' and 'answer' or 'error'"
+
+    @staticmethod
+    def key_of(rec: dict) -> str:
+        """The key a record is resumed by (compared in JSON form)."""
+        return _key(rec.get("id"))
+
+    @staticmethod
+    def is_record(rec) -> bool:
+        return isinstance(rec, dict) and "id" in rec and ("answer" in rec or "error" in rec)
 
     def __init__(self, path: str | Path, *, retry_errors: bool = True):
         self.path = Path(path)
@@ -86,17 +101,17 @@ class ResultsFile:
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 rec, why = None, f"not JSON ({getattr(e, 'msg', e)})"
             else:
-                why = "not a result record (an object with 'id' and 'answer' or 'error')"
-            if not (isinstance(rec, dict) and "id" in rec and ("answer" in rec or "error" in rec)):
+                why = f"not a result record ({self.record_shape})"
+            if not self.is_record(rec):
                 snippet = line[:60].decode("utf-8", "replace")
                 raise ResultsFileError(
-                    f"{self.path}, line {n}: {why}: {snippet!r}. This does not look like infer.py's output, so it "
+                    f"{self.path}, line {n}: {why}: {snippet!r}. This does not look like {self.tool}'s output, so it "
                     "was not touched; choose another --output, or repair or remove that line to resume")
             if self.retry_errors and rec.get("error") is not None:
                 errors += 1
                 self.retried.append(rec["id"])
                 continue
-            self.done[_key(rec["id"])] = rec
+            self.done[self.key_of(rec)] = rec
             keep.append(line)
         if tail and not tail.startswith(_RECORD_START):
             raise ResultsFileError(
@@ -111,7 +126,7 @@ class ResultsFile:
             self._open()
         self._f.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._f.flush()
-        self.done[_key(record.get("id"))] = record
+        self.done[self.key_of(record)] = record
 
     def _open(self) -> None:
         """Append; first rewrite the file (atomically) without a partial last line and the error

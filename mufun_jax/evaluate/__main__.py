@@ -1,0 +1,3 @@
+from mufun_jax.evaluate.cli import entry
+
+entry()
