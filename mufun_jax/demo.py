@@ -153,6 +153,9 @@ def run(out: str | Path = "runs/demo", *, configs: str | Path = CONFIGS, n_train
     t0 = time.perf_counter()
     acc = evaluate(out / "full" / "model", data, out=out / "accuracy.json")
     times["evaluate"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    mc = evaluate_mc(out / "full" / "model", data, out / "eval", mode="both")["models"]["demo"]
+    times["mufun-eval"] = time.perf_counter() - t0
     report = plot_runs([out / "warmup", out / "full"], out / "report.png", names=["warmup", "full"],
                        accuracy=acc, title="MuFun CPU demo: loss per stage, held-out accuracy per task")
     total = sum(times.values())
@@ -163,6 +166,9 @@ def run(out: str | Path = "runs/demo", *, configs: str | Path = CONFIGS, n_train
                   if "eval_loss" in stage else "")
         print(f"  {name:<14} {t:6.0f} s{losses}")
     print("  held-out accuracy: " + ", ".join(f"{t} {r}/{n} ({r / n:.0%})" for t, (r, n) in acc.items()))
+    print(f"  multiple choice (mufun-eval, {out / 'eval' / 'results.json'}): average of the subsets "
+          f"{mc['average']:.0%} generated, {mc['likelihood_average']:.0%} by likelihood; "
+          + ", ".join(f"{t} {e['accuracy']:.0%}" for t, e in mc["subsets"].items()))
     print(f"  report: {report}")
     return acc
 

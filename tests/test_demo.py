@@ -35,3 +35,15 @@ def test_the_report_is_a_picture(short_demo, capsys):
     img = matplotlib.image.imread(png)
     assert img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.01
     assert (out / "accuracy.json").exists()
+
+
+def test_the_demo_scores_itself_through_mufun_eval(short_demo):
+    """The held-out clips, as one multiple-choice subset per task, go through mufun-eval; the
+    summary reads its results.json, whose average is the mean of the subsets' accuracies."""
+    import json
+
+    out, _ = short_demo
+    m = json.loads((out / "eval" / "results.json").read_text())["models"]["demo"]
+    assert set(m["subsets"]) == set(CHANCE) and all(e["n"] == 16 for e in m["subsets"].values())
+    assert abs(m["average"] - sum(e["accuracy"] for e in m["subsets"].values()) / 3) < 1e-9
+    assert len((out / "eval" / "answers.jsonl").read_text().splitlines()) == 48
