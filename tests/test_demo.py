@@ -10,6 +10,9 @@ import pytest
 
 from mufun_jax import demo
 
+# The whole demo trains for minutes: `make test-all` only.
+pytestmark = pytest.mark.slow
+
 CHANCE = {"instrument": 0.25, "notes": 0.5, "register": 0.5}
 
 
