@@ -1,12 +1,20 @@
-# `make test` works from a fresh clone with only python3: it builds .venv, installs .[test], runs pytest.
+# `make test` works from a fresh clone with only python3: it builds .venv, installs .[test], runs the
+# quick tier of pytest (every module, minus the tests marked slow); `make test-all` runs everything.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install clean demo demo-lora bench bench-tpu
+.PHONY: test test-all install clean demo demo-lora bench bench-tpu
+
+# The repository goes first on PYTHONPATH, so a clone tests its own code even where .venv's editable
+# install points at another checkout. Both tiers print their 15 slowest tests.
+PYTEST = PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} MUFUN_LIBTPU=$(LIBTPU) $(PY) -m pytest tests --durations=15
 
 test: $(VENV)/.installed
-	MUFUN_LIBTPU=$(LIBTPU) $(PY) -m pytest tests
+	$(PYTEST) -m "not slow"
+
+test-all: $(VENV)/.installed
+	$(PYTEST)
 
 install: $(VENV)/.installed
 

@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Callable
 
+from mufun_jax.compile_cache import enable_compile_cache
 from mufun_jax.errors import EXIT_PREEMPTED
 
 EXIT_USAGE = 2  # bad input: the one-line error of run_cli, argparse's usage errors
@@ -137,6 +138,7 @@ def train_main(argv=None) -> int:
     if args.compile_only != (args.topology is not None):
         ap.error("--compile-only and --topology go together")
     setup_logging()
+    enable_compile_cache()
     return run_cli(ap.prog, lambda: _train(ap.prog, args), args.debug)
 
 
@@ -252,6 +254,7 @@ def infer_main(argv=None) -> int:
     tpu.add_argument("--num-slices", type=int, default=1)
     tpu.add_argument("--context", type=int, default=4096, help="prompt tokens per row (audio included)")
     args = ap.parse_args(argv)
+    enable_compile_cache()
     return run_cli(ap.prog, lambda: _infer(ap, args), args.debug)
 
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from mufun_jax.cli import ArgumentParser
+from mufun_jax.compile_cache import enable_compile_cache
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the repository's, next to the package
 
@@ -249,6 +250,7 @@ def main(argv=None) -> int:
     lo.add_argument("--out", default="runs/demo")
     lo.add_argument("--configs", default=str(CONFIGS))
     args = ap.parse_args(argv)
+    enable_compile_cache()  # a second demo run skips most of its compiling (mufun_jax/compile_cache.py)
     if args.cmd == "lora":
         lora(args.out, configs=args.configs)
         return 0

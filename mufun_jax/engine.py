@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from mufun_jax import audio as audio_lib
+from mufun_jax.compile_cache import enable_compile_cache
 from mufun_jax import generate as dev
 from mufun_jax.config import ENDOFTEXT_ID, IM_END_ID, IMAGE_TOKEN_INDEX, check_sampling
 from mufun_jax import scoring
@@ -97,6 +98,7 @@ class Generator:
                              f"{decode_steps} must be >= 1")
         if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
             raise ValueError(f"buckets={list(buckets)} must be strictly increasing positive lengths")
+        enable_compile_cache()  # the engine's programs are the same every run (mufun_jax/compile_cache.py)
         self.model, self.cfg = model, model.cfg
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.buckets = tuple(int(b) for b in buckets)

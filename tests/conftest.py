@@ -9,6 +9,16 @@ _LIBTPU = os.environ.get("MUFUN_LIBTPU", str(Path(__file__).resolve().parents[1]
 if Path(_LIBTPU).is_dir() and _LIBTPU not in sys.path:
     sys.path.append(_LIBTPU)
 
+# One persistent XLA compilation cache for the whole test run, read before jax is imported: this
+# process and every subprocess a test starts (they inherit the environment) compile each program
+# once, and a second run of the suite starts warm. In .pytest_cache, so a fresh clone starts empty;
+# MUFUN_TEST_JAX_CACHE moves it. jax keys entries on the program, jax/XLA versions and flags.
+_CACHE = os.environ.setdefault("MUFUN_TEST_JAX_CACHE",
+                               str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_cache"))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _CACHE)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # CPU programs compile in < 1 s
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")  # no size floor either
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -46,3 +56,29 @@ def qwen_tok():
     tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
     assert len(tok) == 151669
     return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """``helpers.tiny_train_data``, written once per session for every test that trains on it."""
+    from helpers import tiny_train_data
+
+    return tiny_train_data(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory):
+    """One uninterrupted 6-step train() of the small model (with --profile), in this process: its
+    directory and its logged losses {step: loss}. The resume tests compare their runs (in fresh
+    processes) with these losses bit for bit; the metrics, plot and inference tests read its outputs."""
+    from helpers import losses, run_config
+    from mufun_jax import train_lib
+    from mufun_jax.train_config import TrainConfig
+
+    out = tmp_path_factory.mktemp("baseline")
+    result = train_lib.train(TrainConfig.from_dict(run_config(tiny_data, out)), profile=True)
+    assert result["step"] == 6 and not result.get("preempted")
+    assert list((out / "profile").rglob("*.xplane.pb")), "--profile wrote no trace"
+    want = dict(losses(out))
+    assert sorted(want) == [1, 2, 3, 4, 5, 6]
+    return out, want

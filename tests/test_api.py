@@ -235,7 +235,11 @@ def _jsonl(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def test_infer_cli_end_to_end(setup, tmp_path):
+def test_infer_cli_end_to_end(setup, tmp_path, capsys):
+    """infer.py's main in this process (its exit status is the return value): answers, error records
+    for the bad requests, exit status 1 and the summary on stderr."""
+    from mufun_jax.cli import infer_main
+
     d, cfg, ref, tok, api = setup
     conv = lambda q: [{"from": "human", "value": q}, {"from": "gpt", "value": "an answer"}]
     lines = [json.dumps({"id": "r1", "audio": "a.wav", "conversations": conv("<audio>\n" + PROMPT)}),
@@ -245,12 +249,13 @@ def test_infer_cli_end_to_end(setup, tmp_path):
              json.dumps({"id": "r4", "prompt": "Tell me about jazz."})]
     (tmp_path / "req.jsonl").write_text("\n".join(lines) + "\n")
     out = tmp_path / "out.jsonl"
-    r = subprocess.run([sys.executable, "infer.py", str(d / "conv"), str(tmp_path / "req.jsonl"), "--output", str(out),
-                        "--audio-root", str(d), "--batch-size", "4", "--prefill-batch", "2",
-                        "--max-new-tokens", str(MAX_NEW), "--no-progress", "--sort"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"})
-    assert r.returncode == 1, r.stderr
-    assert "3 of 5 requests answered" in r.stderr and "missing_file 1" in r.stderr
+    capsys.readouterr()
+    rc = infer_main([str(d / "conv"), str(tmp_path / "req.jsonl"), "--output", str(out), "--audio-root", str(d),
+                     "--batch-size", "4", "--prefill-batch", "2", "--max-new-tokens", str(MAX_NEW), "--no-progress",
+                     "--sort"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "3 of 5 requests answered" in err and "missing_file 1" in err
     got = _jsonl(out)
     assert [g["id"] for g in got] == ["r1", "r2", "r3", "req.jsonl:4", "r4"]
     assert got[1]["error"] == "missing_file" and "missing.wav" in got[1]["message"]
@@ -314,16 +319,11 @@ def _infer(args, **kw):
                             env={**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}, **kw)
 
 
-def test_infer_cli_streams_resumes_after_sigkill_and_shards(setup, tmp_path):
-    """Results stream to the file as they complete; a run killed with SIGKILL and started again
-    (with a truncated last line left behind) ends with every id exactly once and the content of an
-    uninterrupted run; --shard I/N splits the work into disjoint files that merge to the same."""
-    import signal
-    import time
+def _stream_requests(d, tmp_path):
+    """Twelve requests over three audios, the shared infer.py arguments, and an uninterrupted run's
+    results by id (infer.py's main in this process)."""
+    from mufun_jax.cli import infer_main
 
-    from mufun_jax.outputs import merge_shards
-
-    d, cfg, ref, tok, api = setup
     audios = ["a.wav", "b.npy", "long.wav"]
     reqs = [{"id": f"q{i}", "prompt": p, "audio": audios[i % 3]} for i, p in enumerate(
         ["What genre is this?", "Is it fast?", "Describe it.", "Which instrument?", "Is it loud?", "Any vocals?"] * 2)]
@@ -331,10 +331,22 @@ def test_infer_cli_streams_resumes_after_sigkill_and_shards(setup, tmp_path):
     common = [d / "conv", tmp_path / "req.jsonl", "--audio-root", d, "--batch-size", "2", "--max-new-tokens",
               str(MAX_NEW), "--no-progress"]
     clean = tmp_path / "clean.jsonl"
-    assert _infer([*common, "--output", clean]).wait(timeout=300) == 0
+    assert infer_main([str(a) for a in (*common, "--output", clean)]) == 0
     want = {r["id"]: r for r in _jsonl(clean)}
     assert sorted(want) == sorted(r["id"] for r in reqs)
+    return reqs, common, want
 
+
+@pytest.mark.slow
+def test_infer_cli_streams_and_resumes_after_sigkill(setup, tmp_path):
+    """Results stream to the file as they complete; an infer.py process killed with SIGKILL and
+    started again (with a truncated last line left behind) ends with every id exactly once and the
+    content of an uninterrupted run."""
+    import signal
+    import time
+
+    d, cfg, ref, tok, api = setup
+    reqs, common, want = _stream_requests(d, tmp_path)
     out = tmp_path / "out.jsonl"
     p = _infer([*common, "--output", out])
     deadline = time.time() + 300
@@ -354,8 +366,17 @@ def test_infer_cli_streams_resumes_after_sigkill_and_shards(setup, tmp_path):
     assert sorted(g["id"] for g in got) == sorted(want)  # every id exactly once
     assert {g["id"]: g for g in got} == want  # the same content as an uninterrupted run
 
+
+def test_infer_cli_shards_merge_to_an_uninterrupted_run(setup, tmp_path):
+    """--shard I/N splits the work into disjoint files that merge to an uninterrupted run's results
+    (infer.py's main in this process: no process boundary is tested here)."""
+    from mufun_jax.cli import infer_main
+    from mufun_jax.outputs import merge_shards
+
+    d, cfg, ref, tok, api = setup
+    reqs, common, want = _stream_requests(d, tmp_path)
     for i in range(3):
-        assert _infer([*common, "--output", tmp_path / "sh.jsonl", "--shard", f"{i}/3"]).wait(timeout=300) == 0
+        assert infer_main([str(a) for a in (*common, "--output", tmp_path / "sh.jsonl", "--shard", f"{i}/3")]) == 0
     shards = sorted(tmp_path.glob("sh.shard-*-of-3.jsonl"))
     ids = [[g["id"] for g in _jsonl(s)] for s in shards]
     assert len(shards) == 3 and all(ids) and sum(map(len, ids)) == len(reqs)

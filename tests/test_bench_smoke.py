@@ -11,7 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+# The whole benchmark (both sides, in subprocesses): `make test-all` only.
+pytestmark = pytest.mark.slow
 
 ROWS = {  # (row, metric) pairs that must be present with both sides
     ("training, full", "samples/s"), ("training, full", "label tokens/s"), ("training, full", "achieved GFLOP/s"),

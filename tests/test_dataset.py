@@ -2,9 +2,6 @@
 order, each with its own audio; the bad ones are counted by reason; nothing crashes."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,6 @@ from mufun_jax.data.dataset import SkipCounter, iter_samples, read_records
 from mufun_jax.data.templates import get_template
 
 SR = 16000
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def tone(path: Path, freq: float, seconds: float, sr: int = SR):
@@ -93,19 +89,21 @@ def test_good_samples_arrive_bad_ones_are_counted(dataset, qwen_tok):
     assert [round(dominant_hz(c[0])) for c in two.chunks] == [1100, 1300]
 
 
-def test_validate_cli_reports_counts(dataset, qwen_tok):
+def test_validate_cli_reports_counts(dataset, qwen_tok, capsys):
+    """``python -m mufun_jax.data validate``'s main, in this process: exit status and report."""
+    from mufun_jax.data.__main__ import main
+
     path, good, bad = dataset
     tok_dir = path.parent / "tok"
     qwen_tok.save_pretrained(tok_dir)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "mufun_jax.data", "validate", str(path), "--tokenizer", str(tok_dir),
-                        "--audio-root", str(path.parent), "--quiet"], capture_output=True, text=True, env=env,
-                       timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert f"good samples: {len(good) + 1}" in r.stdout
-    assert f"skipped: {sum(bad.values())}" in r.stdout
+    capsys.readouterr()
+    rc = main(["validate", str(path), "--tokenizer", str(tok_dir), "--audio-root", str(path.parent), "--quiet"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert f"good samples: {len(good) + 1}" in out.out
+    assert f"skipped: {sum(bad.values())}" in out.out
     for reason, n in bad.items():
-        assert any(line.split() == [reason, str(n)] for line in r.stdout.splitlines()), (reason, r.stdout)
+        assert any(line.split() == [reason, str(n)] for line in out.out.splitlines()), (reason, out.out)
 
 
 def test_broken_json_list_names_the_file_and_position(tmp_path):
@@ -115,16 +113,18 @@ def test_broken_json_list_names_the_file_and_position(tmp_path):
         read_records(p)
 
 
-def test_validate_without_a_tokenizer_checks_everything_else(dataset):
+def test_validate_without_a_tokenizer_checks_everything_else(dataset, capsys):
     """No tokenizer: structure, audio files, segments and tag counts are still checked, and the report
     says the token checks were skipped; with one, --seq-len counts samples that are too long."""
+    from mufun_jax.data.__main__ import main
+
     path, good, bad = dataset
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "mufun_jax.data", "validate", str(path), "--audio-root",
-                        str(path.parent), "--quiet"], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert f"good samples: {len(good) + 1}" in r.stdout and f"skipped: {sum(bad.values())}" in r.stdout
-    assert "token checks skipped" in r.stdout
+    capsys.readouterr()
+    rc = main(["validate", str(path), "--audio-root", str(path.parent), "--quiet"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert f"good samples: {len(good) + 1}" in out.out and f"skipped: {sum(bad.values())}" in out.out
+    assert "token checks skipped" in out.out
 
 
 def test_validate_counts_samples_longer_than_seq_len(dataset, qwen_tok):

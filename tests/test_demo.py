@@ -21,6 +21,7 @@ def short_demo(tmp_path_factory):
     return out, acc
 
 
+@pytest.mark.slow  # the demo's own training steps (minutes) are what it checks
 def test_every_task_is_learnt_well_above_chance(short_demo):
     _, acc = short_demo
     assert set(acc) == set(CHANCE)
@@ -28,6 +29,7 @@ def test_every_task_is_learnt_well_above_chance(short_demo):
         assert total == 16 and right / total >= CHANCE[task] + 0.35, (task, right, total)
 
 
+@pytest.mark.slow
 def test_the_report_is_a_picture(short_demo, capsys):
     out, _ = short_demo
     png = out / "report.png"
@@ -47,3 +49,19 @@ def test_the_demo_scores_itself_through_mufun_eval(short_demo):
     assert set(m["subsets"]) == set(CHANCE) and all(e["n"] == 16 for e in m["subsets"].values())
     assert abs(m["average"] - sum(e["accuracy"] for e in m["subsets"].values()) / 3) < 1e-9
     assert len((out / "eval" / "answers.jsonl").read_text().splitlines()) == 48
+
+
+def test_two_steps_per_stage_run_the_whole_demo_path(tmp_path):
+    """The quick tier's demo: the same code path as ``make demo`` (data, both stages through the
+    demo configs, batched answers, accuracy.json and the report) with a few clips and two steps per
+    stage. Nothing is learnt in two steps, so only the structure is checked here; the accuracy is
+    the slow test's."""
+    import json
+
+    out = tmp_path / "demo"
+    acc = demo.run(out, n_train=24, n_eval=12, warmup_overrides=("max_steps=2", "progress=false"),
+                   full_overrides=("max_steps=2", "eval_every=0", "save_every=1000", "progress=false"))
+    assert set(acc) == set(CHANCE) and all(total == 4 and 0 <= right <= total for right, total in acc.values())
+    assert {k: tuple(v) for k, v in json.loads((out / "accuracy.json").read_text()).items()} == acc
+    img = matplotlib.image.imread(out / "report.png")
+    assert img.shape[0] > 200 and img.shape[1] > 400 and img.std() > 0.01

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import jax_mufun_from_torch
+from helpers import LM_HEAD_SCALE, jax_mufun_from_torch
 from mufun_jax import audio
 from mufun_jax.config import IMAGE_TOKEN_INDEX as AUDIO, WhisperConfig, preset
 from mufun_jax.engine import Generator
@@ -19,7 +19,6 @@ from mufun_jax.generate import Request, filter_logits
 from torch_reference import TorchMuFun
 
 MAX_NEW = 8
-LM_HEAD_SCALE = 4.0  # spreads the logits so that greedy choices are far from ties (checked below)
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,7 @@ from mufun_jax.models import MuFun, lora
 from mufun_jax.models.layers import Linear
 from mufun_jax.train_config import TrainConfig
 from mufun_jax.train_lib import Trainer, combine, export_model
-from test_train import CFG, make_samples, one_device_mesh, train_cfg
-from test_train_resume import committed, config, data, losses, run  # noqa: F401  (data: a fixture)
+from helpers import CFG, committed, losses, make_samples, one_device_mesh, run_config as config, run_train as run, train_cfg
 
 LORA_TRAINABLE = {"whisper": "frozen", "connector": "full", "llm": "lora"}
 
@@ -101,7 +100,8 @@ def test_export_merges_the_adapters(tmp_path, quantize="int8"):
     assert err <= 1e-5
 
 
-def test_lora_qlora_run_resumes_exactly_and_checkpoints_hold_no_frozen_weights(data, tmp_path):  # noqa: F811
+@pytest.mark.slow
+def test_lora_qlora_run_resumes_exactly_and_checkpoints_hold_no_frozen_weights(tiny_data, tmp_path):
     """QLoRA through train(): SIGKILL after step 3, restart, and the logged losses equal an
     uninterrupted run's bit for bit (dropout on, so the masks are reproduced too). A checkpoint
     holds the step, the adapters + connector, their optimizer state and the RNG, nothing frozen."""
@@ -109,15 +109,17 @@ def test_lora_qlora_run_resumes_exactly_and_checkpoints_hold_no_frozen_weights(d
 
     import orbax.checkpoint as ocp
 
+    from mufun_jax import train_lib
+
     kw = dict(max_steps=4, trainable=LORA_TRAINABLE, quantize="int8", lora=dict(rank=4, alpha=8, dropout=0.1))
     base = tmp_path / "base"
-    run(config(data, base, **kw))
+    train_lib.train(TrainConfig.from_dict(config(tiny_data, base, **kw)))  # uninterrupted: in this process
     want = dict(losses(base))
     assert sorted(want) == [1, 2, 3, 4]
     out = tmp_path / "run"
-    r = run(config(data, out, **kw), "kill_after_step", 3, expect_ok=False)
+    r = run(config(tiny_data, out, **kw), "kill_after_step", 3, expect_ok=False)
     assert r.returncode == -signal.SIGKILL and committed(out) == [2]
-    run(config(data, out, **kw))
+    run(config(tiny_data, out, **kw))
     got = losses(out)
     assert [s for s, _ in got] == [1, 2, 3, 3, 4]
     for step, loss in got:

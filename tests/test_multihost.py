@@ -21,6 +21,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Several processes joined by jax.distributed, each compiling: `make test-all` only.
+pytestmark = pytest.mark.slow
+
 WORKER = textwrap.dedent(r"""
     import json, os, sys
     pid, nproc, port, ndev, out = sys.argv[1:6]

@@ -15,7 +15,7 @@ import torch
 from flax import nnx
 from flax.traverse_util import flatten_dict
 
-from helpers import jax_mufun_from_torch, small_cfg
+from helpers import LM_HEAD_SCALE, jax_mufun_from_torch, small_cfg
 from mufun_jax.config import RunSettings, preset
 from mufun_jax.convert import flax_to_torch
 from mufun_jax.engine import Generator
@@ -25,7 +25,6 @@ from mufun_jax.models.lora import merge_params
 from mufun_jax.models.quant import dequantize_kernel, int8_quantize, nf4_quantize, param_bytes, quantize_params
 from mufun_jax import audio
 from mufun_jax.config import IMAGE_TOKEN_INDEX as AUDIO
-from test_generate import LM_HEAD_SCALE
 from torch_reference import TorchMuFun
 
 MAX_NEW = 8

@@ -15,7 +15,7 @@ from mufun_jax.data.dataset import SkipCounter, iter_samples, read_records
 from mufun_jax.data.synth import TASKS, make_dataset
 from mufun_jax.data.templates import SYSTEM, get_template, turns_from_conversations
 from mufun_jax.data.tokenizer import build_tokenizer, corpus_for, special_ids
-from test_templates import trained_spans
+from helpers import trained_spans
 
 SR = 16000
 N_TRAIN, N_EVAL = 36, 12  # 12 clips per task in train: 3 per timbre, 6 per register / notes class

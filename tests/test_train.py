@@ -8,43 +8,15 @@ import pytest
 import torch
 
 from conftest import rel_err
-from helpers import jax_mufun_from_torch, small_cfg
+from helpers import CFG, jax_mufun_from_torch, make_samples, one_device_mesh, train_cfg
 from mufun_jax import audio
 from mufun_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX as AUDIO
-from mufun_jax.data.dataset import Sample
 from mufun_jax.data.packing import PackConfig, pack_batches
-from mufun_jax.sharding import make_mesh
 from mufun_jax.splice import expand_placeholders
 from mufun_jax.train_config import TrainConfig
 from mufun_jax.loss import fused_nll_sums, loss_sums, nll_sums, next_token_targets
 from mufun_jax.train_lib import Trainer
 from torch_reference import TorchMuFun
-
-CFG = small_cfg()
-
-
-def make_samples(rng, n, vocab=CFG.qwen3.vocab_size):
-    out = []
-    for i in range(n):
-        q = [int(x) for x in rng.integers(1, vocab, int(rng.integers(3, 8)))]
-        a = [int(x) for x in rng.integers(1, vocab, int(rng.integers(2, 6)))]
-        ids = q[:2] + [AUDIO] + q[2:] + a
-        labels = [IGNORE_INDEX] * (len(q) + 1) + a
-        chunks = [[(0.1 * rng.standard_normal(int(rng.integers(8000, 24000)))).astype(np.float32)]]
-        out.append(Sample(f"x{i}", ids, labels, chunks))
-    return out
-
-
-def train_cfg(**kw):
-    base = dict(max_steps=10, trainable={"whisper": "full", "connector": "full", "llm": "full"},
-                optim=dict(lr=1e-3, warmup_ratio=0.0), data=dict(batch_size=2, seq_len=640, max_chunks=4))
-    base.update(kw)
-    return TrainConfig.from_dict(base)
-
-
-def one_device_mesh():
-    return make_mesh(1, 1, 1, devices=jax.devices()[:1])
-
 
 def as_jnp(batch):
     return {k: jnp.asarray(v) for k, v in batch.items() if k != "sample_ids"}

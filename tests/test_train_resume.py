@@ -1,112 +1,44 @@
-"""Checkpoints and resume, end to end through ``train()`` in subprocesses: a run killed with
+"""Checkpoints and resume, end to end through ``train()`` (in subprocesses where a kill or a notice is
+what is tested, in this process otherwise): a run killed with
 SIGKILL and restarted logs exactly the losses of an uninterrupted run; a kill in the middle of a
 save leaves the previous checkpoint restorable; a NaN stops the run before a checkpoint of it; a
 warmup result initialises the full stage; a converted checkpoint initialises training."""
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import SMALL_MODEL, small_cfg, tiny_train_data
+from helpers import committed, losses, run_config as config, run_train as run, small_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
 
-RUNNER = textwrap.dedent(r"""
-    import json, os, signal, sys
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    from mufun_jax.train_config import TrainConfig
+@pytest.fixture(scope="module")
+def baseline(trained_run):
+    """The uninterrupted run's losses (conftest's session-wide ``trained_run``, trained in process)."""
+    return trained_run[1]
+
+
+def train_here(cfg: dict):
+    """train() in this process: for runs whose process boundary is not what the test is about."""
     from mufun_jax import train_lib
+    from mufun_jax.train_config import TrainConfig
 
-    cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
-    mode, at = sys.argv[2], int(sys.argv[3])
-
-    def signal_in_save(sig):
-        # send sig once checkpoint `at` is written, before Orbax commits it
-        from orbax.checkpoint._src.path import atomicity
-        original = atomicity.AtomicRenameTemporaryPath.finalize
-        async def finalize(self, *a, **k):
-            if self._final_path.name == str(at):
-                os.kill(os.getpid(), sig)
-            return await original(self, *a, **k)
-        atomicity.AtomicRenameTemporaryPath.finalize = finalize
-
-    hook = None
-    if mode == "kill_after_step":  # a real SIGKILL, in the middle of the run
-        hook = lambda step, m: os.kill(os.getpid(), signal.SIGKILL) if step == at else None
-    elif mode == "term_twice_in_save":  # the notice, then another SIGTERM while the checkpoint is being written
-        hook = lambda step, m: os.kill(os.getpid(), signal.SIGTERM) if step == at else None
-        signal_in_save(signal.SIGTERM)
-    elif mode == "kill_in_save":  # SIGKILL once the checkpoint's data is written, before it is committed
-        signal_in_save(signal.SIGKILL)
-    result = train_lib.train(cfg, on_step=hook, profile=mode == "profile")
-    if result.get("preempted"):
-        print("PREEMPTED", result["step"], result["notice_to_commit_s"])
-        sys.exit(train_lib.EXIT_PREEMPTED)
-    print("RUN_DONE")
-""")
+    result = train_lib.train(TrainConfig.from_dict(cfg))
+    assert result["step"] == cfg["max_steps"] and not result.get("preempted"), result
+    return result
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return tiny_train_data(tmp_path_factory.mktemp("data"))
-
-
-def config(data, out, **kw):
-    d = dict(output_dir=str(out), model=dict(SMALL_MODEL), max_steps=6, save_every=2, keep=5, seed=0,
-             progress=False, optim=dict(lr=1e-3, warmup_ratio=0.2),
-             data=dict(dataset=str(data / "train.json"), tokenizer=str(data / "tok"), batch_size=2, seq_len=512,
-                       max_chunks=2))
-    for k, v in kw.items():
-        if k in ("optim", "data"):
-            d[k] = {**d[k], **v}
-        else:
-            d[k] = v
-    return d
-
-
-def run(cfg: dict, mode="plain", at=0, expect_ok=True):
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-c", RUNNER, json.dumps(cfg), mode, str(at)], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    if expect_ok:
-        assert r.returncode == 0 and "RUN_DONE" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
-    return r
-
-
-def losses(out) -> list[tuple[int, float]]:
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [(r["step"], r["loss"]) for r in map(json.loads, lines) if "loss" in r]
-
-
-def committed(out) -> list[int]:
-    return sorted(int(p.name) for p in (Path(out) / "checkpoints").iterdir() if p.name.isdigit())
-
-
-@pytest.fixture(scope="module")
-def baseline(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("baseline")
-    run(config(data, out), "profile")
-    assert list((out / "profile").rglob("*.xplane.pb")), "--profile wrote no trace"
-    want = dict(losses(out))
-    assert sorted(want) == [1, 2, 3, 4, 5, 6]
-    return want
-
-
-def test_sigkill_then_resume_gives_identical_losses(data, baseline, tmp_path):
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_identical_losses(tiny_data, baseline, tmp_path):
     out = tmp_path / "run"
-    r = run(config(data, out), "kill_after_step", 5, expect_ok=False)
+    r = run(config(tiny_data, out), "kill_after_step", 5, expect_ok=False)
     assert r.returncode == -signal.SIGKILL
     assert committed(out) and max(committed(out)) < 6
     first = losses(out)
     assert [s for s, _ in first] == [1, 2, 3, 4, 5]
-    run(config(data, out))
+    run(config(tiny_data, out))
     got = losses(out)
     assert len(got) > 6  # the steps after the restored checkpoint were run (and logged) again
     assert max(s for s, _ in got) == 6
@@ -115,13 +47,14 @@ def test_sigkill_then_resume_gives_identical_losses(data, baseline, tmp_path):
     assert committed(out)[-1] == 6 and (out / "model" / "mufun_config.json").exists()
 
 
-def test_sigkill_during_a_save_leaves_the_previous_checkpoint(data, baseline, tmp_path):
+@pytest.mark.slow
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tiny_data, baseline, tmp_path):
     out = tmp_path / "run"
-    r = run(config(data, out, async_checkpointing=False), "kill_in_save", 4, expect_ok=False)
+    r = run(config(tiny_data, out, async_checkpointing=False), "kill_in_save", 4, expect_ok=False)
     assert r.returncode == -signal.SIGKILL
     assert committed(out) == [2]  # step 4 was written but never committed
     assert any("tmp" in p.name for p in (out / "checkpoints").iterdir())
-    run(config(data, out))
+    run(config(tiny_data, out))
     got = losses(out)
     assert [s for s, _ in got] == [1, 2, 3, 4, 3, 4, 5, 6]  # resumed from step 2
     for step, loss in got:
@@ -129,7 +62,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(data, baseline, tm
     assert not any("tmp" in p.name for p in (out / "checkpoints").iterdir())
 
 
-def test_nan_loss_stops_before_a_checkpoint_of_it(data, tmp_path, monkeypatch):
+def test_nan_loss_stops_before_a_checkpoint_of_it(tiny_data, tmp_path, monkeypatch):
     """NaN audio in the third batch: the run stops at step 3 with a clear error; checkpoints 1
     and 2 exist, nothing later, and the parameters in them are finite."""
     from mufun_jax import train_lib
@@ -156,7 +89,7 @@ def test_nan_loss_stops_before_a_checkpoint_of_it(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(train_lib, "make_loader", lambda *a, **k: Poisoned(real(*a, **k)))
     out = tmp_path / "run"
-    cfg = TrainConfig.from_dict(config(data, out, save_every=1, async_checkpointing=False))
+    cfg = TrainConfig.from_dict(config(tiny_data, out, save_every=1, async_checkpointing=False))
     with pytest.raises(train_lib.NonFiniteLossError, match=r"step 3: loss=nan .*not applied.* last good "
                                                            r"checkpoint is step 2"):
         train_lib.train(cfg)
@@ -185,7 +118,7 @@ def _model_params(model_dir):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
 
 
-def test_warmup_result_initialises_the_full_stage(data, tmp_path):
+def test_warmup_result_initialises_the_full_stage(tiny_data, tmp_path):
     import jax
 
     from mufun_jax.sharding import make_mesh
@@ -193,10 +126,11 @@ def test_warmup_result_initialises_the_full_stage(data, tmp_path):
     from mufun_jax.train_lib import Trainer, combine
 
     warm, full = tmp_path / "warm", tmp_path / "full"
-    warm_cfg = config(data, warm, max_steps=2, trainable={"whisper": "frozen", "connector": "full", "llm": "frozen"})
-    run(warm_cfg)
+    warm_cfg = config(tiny_data, warm, max_steps=2, trainable={"whisper": "frozen", "connector": "full", "llm": "frozen"})
+    train_here(warm_cfg)
     # lr 0 for the one step (a zero optim.lr is a config error): the first step of a linear warmup has lr 0
-    run(config(data, full, model={}, init_from=str(warm / "model"), max_steps=1, optim=dict(warmup_ratio=1.0)))
+    train_here(config(tiny_data, full, model={}, init_from=str(warm / "model"), max_steps=1,
+                      optim=dict(warmup_ratio=1.0)))
     a, b = _model_params(warm / "model"), _model_params(full / "model")
     assert a.keys() == b.keys()
     for k in a:
@@ -212,7 +146,7 @@ def test_warmup_result_initialises_the_full_stage(data, tmp_path):
     assert changed and all(k.startswith("['connector']") for k in changed), sorted(changed)
 
 
-def test_init_from_a_converted_checkpoint(data, tmp_path, torch_threads):
+def test_init_from_a_converted_checkpoint(tiny_data, tmp_path, torch_threads):
     """A PyTorch checkpoint -> convert_weights import -> train init_from: the weights arrive intact."""
     from mufun_jax.weights import import_checkpoint
     from torch_reference import TorchMuFun
@@ -226,8 +160,8 @@ def test_init_from_a_converted_checkpoint(data, tmp_path, torch_threads):
     save_file(ref.combined_state_dict(), str(src / "model.safetensors"))
     (src / "config.json").write_text(json.dumps(cfg.to_tinyllava()))
     import_checkpoint(tmp_path / "conv", src, progress=False)
-    run(config(data, tmp_path / "out", model={}, init_from=str(tmp_path / "conv"), max_steps=1,
-               optim=dict(warmup_ratio=1.0)))  # lr 0: the first step of a linear warmup
+    train_here(config(tiny_data, tmp_path / "out", model={}, init_from=str(tmp_path / "conv"), max_steps=1,
+                      optim=dict(warmup_ratio=1.0)))  # lr 0: the first step of a linear warmup
     a, b = _model_params(tmp_path / "conv"), _model_params(tmp_path / "out" / "model")
     assert a.keys() == b.keys()
     for k in a:
@@ -249,13 +183,13 @@ def test_init_from_a_converted_checkpoint(data, tmp_path, torch_threads):
         np.testing.assert_array_equal(back[k], v, err_msg=k)
 
 
-def test_metrics_reach_tensorboard_and_jsonl(baseline, tmp_path_factory):
+def test_metrics_reach_tensorboard_and_jsonl(trained_run):
     """The baseline run's TensorBoard event file holds the same losses as metrics.jsonl."""
     import struct
 
     from tensorboardX.proto import event_pb2
 
-    out = next(p for p in Path(tmp_path_factory.getbasetemp()).glob("baseline*") if (p / "metrics.jsonl").exists())
+    out, baseline = trained_run
     events = list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(events) == 1
     raw, scalars = events[0].read_bytes(), {}
@@ -275,25 +209,25 @@ def test_metrics_reach_tensorboard_and_jsonl(baseline, tmp_path_factory):
     assert (out / "train_config.json").exists() and (out / "model" / "params").is_dir()
 
 
-def test_the_trained_model_serves_inference(data, baseline, tmp_path_factory):
+def test_the_trained_model_serves_inference(tiny_data, trained_run):
     """train.py's OUTPUT_DIR/model loads with the inference API and answers (greedy, batched)."""
     from mufun_jax import MuFun
 
-    out = next(p for p in Path(tmp_path_factory.getbasetemp()).glob("baseline*") if (p / "model").exists())
-    model = MuFun.from_pretrained(out / "model", tokenizer=str(data / "tok"), batch_size=2, max_new_tokens=4)
-    answers = model.generate([{"prompt": "<audio>\nHow high is the note?", "audio": str(data / f"a{i}.npy")}
+    out = trained_run[0]
+    model = MuFun.from_pretrained(out / "model", tokenizer=str(tiny_data / "tok"), batch_size=2, max_new_tokens=4)
+    answers = model.generate([{"prompt": "<audio>\nHow high is the note?", "audio": str(tiny_data / f"a{i}.npy")}
                               for i in range(3)])
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
-    assert answers[1] == model.chat("How high is the note?", str(data / "a1.npy"), max_new_tokens=4)
+    assert answers[1] == model.chat("How high is the note?", str(tiny_data / "a1.npy"), max_new_tokens=4)
 
 
-def test_mufun_plot_draws_a_run(baseline, tmp_path_factory, tmp_path):
+def test_mufun_plot_draws_a_run(trained_run, tmp_path):
     """``mufun-plot RUN_DIR`` turns any run's metrics.jsonl into a PNG: written, and a real image."""
     import matplotlib.image
 
     from mufun_jax.cli import plot_main
 
-    out = next(p for p in Path(tmp_path_factory.getbasetemp()).glob("baseline*") if (p / "metrics.jsonl").exists())
+    out = trained_run[0]
     png = tmp_path / "loss.png"
     assert plot_main([str(out), "--out", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -302,19 +236,20 @@ def test_mufun_plot_draws_a_run(baseline, tmp_path_factory, tmp_path):
     assert plot_main([str(tmp_path / "nope")]) == 2
 
 
-def test_preemption_notice_saves_the_step_and_resume_loses_nothing(data, baseline, tmp_path):
+@pytest.mark.slow
+def test_preemption_notice_saves_the_step_and_resume_loses_nothing(tiny_data, baseline, tmp_path):
     """SIGTERM between checkpoints (save_every=2, the notice after step 3): the run saves step 3,
     waits for the commit and exits with status 75; a second SIGTERM, sent while that checkpoint is
     being finalised, is ignored.
     Restarted, it resumes at step 4: every step is logged exactly once and every loss equals the
     uninterrupted run's."""
     out = tmp_path / "run"
-    r = run(config(data, out), "term_twice_in_save", 3, expect_ok=False)
+    r = run(config(tiny_data, out), "term_twice_in_save", 3, expect_ok=False)
     assert r.returncode == 75, r.stdout[-2000:] + r.stderr[-4000:]
     assert "PREEMPTED 3" in r.stdout and "checkpoint of step 3 is committed" in r.stderr
     assert committed(out)[-1] == 3  # the checkpoint taken at the notice is the newest
     print("notice to committed checkpoint:", r.stdout.split("PREEMPTED 3")[1].split()[0], "s")
-    run(config(data, out))
+    run(config(tiny_data, out))
     logged = losses(out)
     assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6]  # no step repeated or skipped
     assert dict(logged) == baseline  # exactly the uninterrupted run's losses

@@ -19,8 +19,7 @@ SCRIPT = textwrap.dedent(r"""
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
     sys.path.insert(0, "tests")
-    from test_train import make_samples
-    from helpers import small_cfg
+    from helpers import make_samples, small_cfg
     from mufun_jax.data.packing import PackConfig, pack_batches
     from mufun_jax.sharding import make_mesh
     from mufun_jax.train_config import TrainConfig
