@@ -25,7 +25,7 @@ import soundfile as sf
 from mufun_jax.tag_answers import INST, PRESETS, TagFailure, build_record, load_preset, normalise_lyrics, \
     normalise_tags, parse_acestep
 from mufun_jax.tag_formats import TMP_SUFFIX, read_sidecars, read_table
-from mufun_jax.tagging import _seed, find_audio, tag_library
+from mufun_jax.tagging import _seed, find_audio, main, tag_library
 
 SR = 16000
 WORDS = "genre jazz rock piano guitar drums tempo fast slow bright dark happy sad loud quiet song clip note".split()
@@ -247,7 +247,25 @@ def test_unusable_output_is_refused_untouched(world, engine, tmp_path):
         tag_library(engine, world / "lib", "tags", "csv", None, progress=False)
 
 
-def test_sigkill_leaves_whole_files_and_restart_finishes(world, engine, tmp_path):
+@pytest.mark.parametrize("args,fragment", [
+    (["--shard", "2/2"], "--shard '2/2'"),
+    (["--format", "csv"], "--format csv needs --out"),
+    (["--preset", "nope.yaml"], "not acestep, tags or an existing YAML file"),
+    (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
+    (["--temperature", "-1"], "--temperature -1.0 must be >= 0"),
+    (["--root-is-missing"], "no such directory"),
+])
+def test_cli_usage_errors_are_one_line(world, tmp_path, capsys, args, fragment):
+    """rc 2 with one line, before the model loads, and nothing written."""
+    root = tmp_path / "missing" if args == ["--root-is-missing"] else world / "lib"
+    capsys.readouterr()
+    rc = main([str(world / "model"), str(root), *(a for a in args if a != "--root-is-missing"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and fragment in err and err.count("\n") == 1 and err.startswith("mufun-tag: error: "), err
+    assert not list(tmp_path.iterdir()) and [p.name for p in (world / "lib").rglob("*.txt")] == ["notes.txt"]
+
+
+def test_sigkill_leaves_whole_files_and_restart_finishes(world, engine, tmp_path, capsys):
     """A run killed with SIGKILL once some songs are written: every file there is whole (equal to
     a clean run's), and the restart tags only the rest, leaving the finished files untouched."""
     lib = tmp_path / "lib"
@@ -277,9 +295,11 @@ def test_sigkill_leaves_whole_files_and_restart_finishes(world, engine, tmp_path
         assert f.read_text() == want[rel.replace(".caption.txt", ".wav")] + "\n"  # whole, not half
     mtimes = {rel: f.stat().st_mtime_ns for rel, f in done.items()}
 
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    assert f"{12 - len(done)} of 12 songs tagged" in r.stderr and f"{len(done)} already done" in r.stderr
+    capsys.readouterr()
+    rc = main(cmd[3:])  # the restart, in-process: the same command line
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"{12 - len(done)} of 12 songs tagged" in err and f"{len(done)} already done" in err
     assert {rel: (out / rel).stat().st_mtime_ns for rel in done} == mtimes  # not redone
     assert {rel: read_sidecars("caption", out, rel)["prompt"] for rel in rels} == {r: want[r] for r in rels}
     assert not list(out.rglob(f"*{TMP_SUFFIX}"))
