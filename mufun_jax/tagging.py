@@ -66,19 +66,18 @@ class Summary:
             text += f"; failed {sum(self.failed.values())}: " + ", ".join(f"{k} {v}"
                                                                           for k, v in sorted(self.failed.items()))
             text += f" (listed in {self.failures_file})"
-        return text + f"; {self.ignored} non-audio files ignored; output: {self.output}"
+        return text + f"; {self.ignored} other files ignored (not audio, or hidden); output: {self.output}"
 
 
 def find_audio(root: Path) -> tuple[list[str], int]:
-    """Audio files under ``root`` (recursive, hidden entries skipped), as sorted POSIX paths
-    relative to it, and the number of other files."""
+    """Audio files under ``root`` (recursive), as sorted POSIX paths relative to it, and the number
+    of other files. Hidden files (``.x``, e.g. macOS ``._song.mp3`` stubs and our temporary files)
+    count as other files; hidden folders (``.git``, our ``.OUT.parts``) are not entered."""
     songs, other = [], 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for f in filenames:
-            if f.startswith("."):
-                continue
-            if Path(f).suffix.lower() in AUDIO_EXTS:
+            if not f.startswith(".") and Path(f).suffix.lower() in AUDIO_EXTS:
                 songs.append(Path(dirpath, f).relative_to(root).as_posix())
             else:
                 other += 1

@@ -142,6 +142,7 @@ def world(tmp_path_factory):
         _clip(lib / rel, s, 1.0 + 0.5 * s, rng)
     (lib / "a" / "broken.mp3").write_bytes(rng.bytes(3000))
     (lib / "notes.txt").write_text("not audio")
+    (lib / "a" / "._one.wav").write_bytes(b"\0\5\26\7")  # a macOS metadata stub: hidden, not a song
     (d / "preset.yaml").write_text("questions:\n" + "".join(f"  {k}: {v}\n" for k, v in QUESTIONS.items())
                                    + f"max_new_tokens: {CAP}\n")
     return d
@@ -192,13 +193,18 @@ def _records(fmt, lib: Path, out: Path) -> dict:
 
 
 @pytest.mark.parametrize("fmt", ["acestep", "caption", "jsonl", "csv", "hf"])
-def test_every_format_written_and_read_back(world, engine, expected, tmp_path, fmt):
+def test_every_format_written_and_read_back(world, engine, expected, tmp_path, monkeypatch, fmt):
+    from mufun_jax import audio
+
     lib = tmp_path / "lib"
     shutil.copytree(world / "lib", lib)
     out = None if fmt == "acestep" else tmp_path / {"caption": "captions", "hf": "ds"}.get(fmt, f"tags.{fmt}")
     stats = dict(engine.generator.stats)
+    decoded, load = [], audio.load_audio
+    monkeypatch.setattr(audio, "load_audio", lambda path, seg=None: decoded.append(str(path)) or load(path, seg))
     s = tag_library(engine, lib, str(world / "preset.yaml"), fmt, out, progress=False, temperature=1.0)
-    assert (s.songs, s.tagged, s.done_before, s.ignored) == (4, 3, 0, 1)
+    assert sorted(decoded) == sorted(str(lib / r) for r in find_audio(lib)[0])  # each file decoded once
+    assert (s.songs, s.tagged, s.done_before, s.ignored) == (4, 3, 0, 2)
     assert s.failed == {"undecodable": 1} and [f["path"] for f in s.failures] == ["a/broken.mp3"]
     assert [json.loads(x)["reason"] for x in Path(s.failures_file).read_text().splitlines()] == ["undecodable"]
     grew = {k: engine.generator.stats[k] - stats.get(k, 0) for k in ("audio_encoded", "prefix_computed")}
