@@ -105,9 +105,13 @@ def main(argv=None) -> int:
         stats = {k: engine.generator.stats[k] - stats0.get(k, 0) for k in ("audio_encoded", "prefix_computed",
                                                                                "prefix_reused")}
         records = read_table("jsonl", out)
+        # A song whose answers give no tag (a random model's empty answers) is a counted failure with
+        # its raw answers kept: its questions were answered all the same, so they count here too.
+        answered = {rel: {"path": rel, **rec} for rel, rec in records.items()}
+        answered.update({f["path"]: f["raw"] for f in summary.failures if f["raw"]})
 
         reference = Reference(ref, tok, engine.stop_ids, args.max_new_tokens)
-        songs = sorted(records)
+        songs = sorted(answered)
         reference.chat({"prompt": "What genre is this?", "audio": str(lib / songs[0])})  # warm-up
         t0 = time.perf_counter()
         ref_answers = {(rel, name): reference.chat({"prompt": q, "audio": str(lib / rel)})
@@ -116,12 +120,13 @@ def main(argv=None) -> int:
         if os.environ.get("TAG_BENCH_KEEP"):
             shutil.copy(out, os.environ["TAG_BENCH_KEEP"])
 
-    n, q = args.songs, len(preset.questions)
-    agree = sum(records[rel][name] == a for (rel, name), a in ref_answers.items())
+    q = len(preset.questions)
+    agree = sum(answered[rel][name] == a for (rel, name), a in ref_answers.items())
+    n = len(songs)
     print(f"\n{args.settings} bench config; {n} songs of {min(secs):.0f}-{max(secs):.0f} s "
           f"({sum(secs) / 60:.1f} min of audio), tags preset ({q} questions, <= {args.max_new_tokens} new tokens, "
           f"greedy); batch size {args.batch_size}; torch threads {torch.get_num_threads()}, jax {jax.devices()}")
-    print(f"ours: {summary.tagged} songs tagged, failed {summary.failed or 0}; first run (compiles) "
+    print(f"ours: {n} songs answered ({summary.tagged} tagged, failed {summary.failed or 0}); first run (compiles) "
           f"{first.seconds:.1f} s; songs encoded {stats['audio_encoded']}, prefixes computed "
           f"{stats['prefix_computed']} and reused {stats['prefix_reused']}")
     print(f"greedy answers equal to the reference's: {agree}/{n * q}\n")
