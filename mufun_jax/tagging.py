@@ -234,9 +234,9 @@ def main(argv=None) -> int:
     if args.temperature is not None and args.temperature < 0:
         return usage(f"--temperature {args.temperature} must be >= 0")
     if args.format == "hf":
-        try:
-            import datasets  # noqa: F401  (optional: only the hf format needs it)
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("datasets") is None:  # optional: only the hf format needs it
             return usage("--format hf needs the datasets package: pip install 'mufun-jax[hf]' (or pip install "
                          "datasets)")
     try:
