@@ -221,6 +221,9 @@ def main(argv=None) -> int:
     ap.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none",
                     help="weight-only quantisation, as in infer.py")
     ap.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory merged into MODEL at load")
+    ap.add_argument("--mesh", default=None, metavar="DATA,FSDP,TENSOR", help="shard the parameters over a "
+                    "(data, fsdp, tensor) mesh of this host's devices, one size may be -1 (e.g. 1,-1,1: FSDP over "
+                    "all of them); default: one device")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
@@ -251,6 +254,20 @@ def main(argv=None) -> int:
                                 has_lyrics=preset.has_lyrics, overwrite=args.overwrite, shard=shard)
     except (InputError, ValueError, OSError) as e:
         return usage(str(e))
+    mesh = None
+    if args.mesh is not None:
+        from mufun_jax.sharding import make_mesh
+
+        try:
+            sizes = [int(x) for x in args.mesh.split(",")]
+            if len(sizes) != 3:
+                raise ValueError
+        except ValueError:
+            return usage(f"--mesh {args.mesh!r} must be three sizes DATA,FSDP,TENSOR (e.g. 1,-1,1)")
+        try:
+            mesh = make_mesh(*sizes)
+        except ValueError as e:
+            return usage(f"--mesh {args.mesh}: {e}")
     setup_logging()
     from mufun_jax.api import MuFun
     from mufun_jax.preemption import GracefulStop
@@ -259,7 +276,7 @@ def main(argv=None) -> int:
     cap = args.max_new_tokens or preset.max_new_tokens
     try:
         model = MuFun.from_pretrained(args.model, dtype=args.dtype, adapter=args.adapter,
-                                      quantize=None if args.quantize == "none" else args.quantize,
+                                      quantize=None if args.quantize == "none" else args.quantize, mesh=mesh,
                                       batch_size=args.batch_size, max_new_tokens=cap,
                                       prefill_batch=min(4, args.batch_size))
     except (CheckpointError, OSError, ValueError) as e:

@@ -260,6 +260,8 @@ def test_unusable_output_is_refused_untouched(world, engine, tmp_path):
     (["--batch-size", "0"], "--batch-size 0 must be >= 1"),
     (["--temperature", "-1"], "--temperature -1.0 must be >= 0"),
     (["--root-is-missing"], "no such directory"),
+    (["--mesh", "1,2"], "--mesh '1,2' must be three sizes"),
+    (["--mesh", "1,2,1"], "needs 2 devices, have 1"),
 ])
 def test_cli_usage_errors_are_one_line(world, tmp_path, capsys, args, fragment):
     """rc 2 with one line, before the model loads, and nothing written."""
@@ -302,7 +304,7 @@ def test_sigkill_leaves_whole_files_and_restart_finishes(world, engine, tmp_path
     mtimes = {rel: f.stat().st_mtime_ns for rel, f in done.items()}
 
     capsys.readouterr()
-    rc = main(cmd[3:])  # the restart, in-process: the same command line
+    rc = main(cmd[3:] + ["--mesh", "1,-1,1"])  # the restart, in-process, with the parameters on a mesh
     err = capsys.readouterr().err
     assert rc == 0, err
     assert f"{12 - len(done)} of 12 songs tagged" in err and f"{len(done)} already done" in err
