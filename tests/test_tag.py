@@ -273,28 +273,42 @@ def test_cli_usage_errors_are_one_line(world, tmp_path, capsys, args, fragment):
     assert not list(tmp_path.iterdir()) and [p.name for p in (world / "lib").rglob("*.txt")] == ["notes.txt"]
 
 
-def test_sigkill_leaves_whole_files_and_restart_finishes(world, engine, tmp_path, capsys):
-    """A run killed with SIGKILL once some songs are written: every file there is whole (equal to
-    a clean run's), and the restart tags only the rest, leaving the finished files untouched."""
-    lib = tmp_path / "lib"
+@pytest.fixture(scope="module")
+def library12(world, engine, tmp_path_factory):
+    """12 one-second songs in 3 folders, a one-question preset, and a clean run's prompts."""
+    d = tmp_path_factory.mktemp("lib12")
+    lib = d / "lib"
     rng = np.random.default_rng(1)
     rels = [f"d{s % 3}/s{s}.wav" for s in range(12)]
     for s, rel in enumerate(rels):
         _clip(lib / rel, s, 1.0, rng)
-    (tmp_path / "one.yaml").write_text(f"questions:\n  genre: What genre is this?\nmax_new_tokens: {CAP}\n")
-    clean = tag_library(engine, lib, str(tmp_path / "one.yaml"), "jsonl", tmp_path / "clean.jsonl", progress=False)
+    (d / "one.yaml").write_text(f"questions:\n  genre: What genre is this?\nmax_new_tokens: {CAP}\n")
+    clean = tag_library(engine, lib, str(d / "one.yaml"), "jsonl", d / "clean.jsonl", progress=False)
     want = {k: v["prompt"] for k, v in read_table("jsonl", Path(clean.output)).items()}
-    assert len(want) == 12
+    assert sorted(want) == sorted(rels)
+    return lib, d / "one.yaml", want
 
-    out = tmp_path / "cap"
-    cmd = [sys.executable, "-m", "mufun_jax.tagging", str(world / "model"), str(lib), "--preset",
-           str(tmp_path / "one.yaml"), "--format", "caption", "--out", str(out), "--batch-size", "1",
-           "--max-new-tokens", str(CAP), "--no-progress"]
+
+def _start(world, lib, preset, fmt, out) -> tuple[subprocess.Popen, list[str]]:
+    cmd = [sys.executable, "-m", "mufun_jax.tagging", str(world / "model"), str(lib), "--preset", str(preset),
+           "--format", fmt, "--out", str(out), "--batch-size", "1", "--max-new-tokens", str(CAP), "--no-progress"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), cmd
+
+
+def _wait_for(p: subprocess.Popen, ready) -> None:
     deadline = time.time() + 240
-    while not list(out.rglob("*.caption.txt")) and p.poll() is None and time.time() < deadline:
+    while not ready() and p.poll() is None and time.time() < deadline:
         time.sleep(0.002)
+
+
+def test_sigkill_leaves_whole_files_and_restart_finishes(world, library12, tmp_path, capsys):
+    """A run killed with SIGKILL once some songs are written: every file there is whole (equal to
+    a clean run's), and the restart tags only the rest, leaving the finished files untouched."""
+    lib, preset, want = library12
+    out = tmp_path / "cap"
+    p, cmd = _start(world, lib, preset, "caption", out)
+    _wait_for(p, lambda: list(out.rglob("*.caption.txt")))
     p.send_signal(signal.SIGKILL)
     p.communicate()
     done = {f.relative_to(out).as_posix(): f for f in out.rglob("*.caption.txt")}
@@ -309,5 +323,20 @@ def test_sigkill_leaves_whole_files_and_restart_finishes(world, engine, tmp_path
     assert rc == 0, err
     assert f"{12 - len(done)} of 12 songs tagged" in err and f"{len(done)} already done" in err
     assert {rel: (out / rel).stat().st_mtime_ns for rel in done} == mtimes  # not redone
-    assert {rel: read_sidecars("caption", out, rel)["prompt"] for rel in rels} == {r: want[r] for r in rels}
+    assert {rel: read_sidecars("caption", out, rel)["prompt"] for rel in want} == want
     assert not list(out.rglob(f"*{TMP_SUFFIX}"))
+
+
+def test_sigterm_stops_after_a_song_and_writes_what_is_done(world, library12, tmp_path):
+    """SIGTERM mid-run: exit 75, the JSONL assembled from the songs done (each whole), no parts left."""
+    lib, preset, want = library12
+    out = tmp_path / "tags.jsonl"
+    p, _ = _start(world, lib, preset, "jsonl", out)
+    parts = tmp_path / ".tags.jsonl.parts"
+    _wait_for(p, lambda: parts.is_dir() and any(parts.glob("*.json")))
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 75 and "stopped by SIGTERM" in err, err
+    got = {k: v["prompt"] for k, v in read_table("jsonl", out).items()}
+    assert 0 < len(got) < 12 and got == {k: want[k] for k in got}
+    assert not parts.exists()
