@@ -254,17 +254,43 @@ class MuFun:
         except ValueError as e:
             p.error = RequestError("too_long", str(e).removeprefix("request 0: "))
 
+    @staticmethod
+    def _load_key(p: _Prepared):
+        """Requests with the same key decode the same audio: files (not arrays), segments, root."""
+        audio, time, root = p.raw
+        if p.error is not None or not audio or any(isinstance(a, np.ndarray) for a in audio):
+            return None
+        return tuple(str(a) for a in audio), repr(time), str(root), repr(p.audio_ids)
+
+    @staticmethod
+    def _follow(p: _Prepared, leader: _Prepared) -> _Prepared:
+        """``p`` takes the decoded audio (or the audio error) of an earlier request of its window."""
+        p.audios, p.audio_keys, p.error = leader.audios, leader.audio_keys, leader.error
+        return p
+
     def _windows(self, items: list, seed: int, audio_root) -> Iterator[list[_Prepared]]:
-        """Windows of prepared requests; the next window's audio decodes while the caller works."""
+        """Windows of prepared requests; the next window's audio decodes while the caller works.
+        Within a window each audio file is decoded once: the questions about a song (sent next to
+        each other, as a tagger does) share its samples instead of decoding it again each."""
         with ThreadPoolExecutor(self.workers) as pool:
             def submit(start):
                 chunk = [self._prepare_text(r, start + i, seed, audio_root)
                          for i, r in enumerate(items[start:start + self.window])]
-                return [pool.submit(self._load, p) for p in chunk]
+                leaders, out = {}, []
+                for p in chunk:
+                    key = self._load_key(p)
+                    if key is not None and key in leaders:
+                        out.append((p, leaders[key]))
+                    else:
+                        f = pool.submit(self._load, p)
+                        if key is not None:
+                            leaders[key] = f
+                        out.append((None, f))
+                return out
 
             pending = submit(0) if items else None
             for start in range(0, len(items), self.window):
-                current = [f.result() for f in pending]
+                current = [f.result() if p is None else self._follow(p, f.result()) for p, f in pending]
                 nxt = start + self.window
                 pending = submit(nxt) if nxt < len(items) else None
                 yield current
