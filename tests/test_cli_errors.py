@@ -95,7 +95,7 @@ def _run(world, tmp, capsys, args) -> tuple[int, str]:
 # -- case 1: the default flags on more requests than one prefill batch ---------------------------------
 
 
-@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+@pytest.mark.parametrize("sampled", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["greedy", "sampled"])
 def test_default_flags_answer_every_request_like_two_slots(world, tmp_path, capsys, sampled):
     """36 requests over 6 songs with no tuning flag (8 slots, prefill batches of 4): every id once,
     with the answers of a run with --batch-size 2. At 4fc1978 this raised AssertionError: 5.

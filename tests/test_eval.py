@@ -399,6 +399,7 @@ def _jsonl(p):
     return [json.loads(x) for x in Path(p).read_text().splitlines()]
 
 
+@pytest.mark.slow  # a killed subprocess (or a second full run): the process boundary is the test
 def test_killed_run_resumes_and_shards_merge(setup, tmp_path):
     """A CLI run on parquet files killed with SIGKILL, then resumed, ends with the records of one
     uninterrupted run; three shards merged give the same answers and results."""

@@ -303,6 +303,7 @@ def _wait_for(p: subprocess.Popen, ready) -> None:
         time.sleep(0.002)
 
 
+@pytest.mark.slow  # a killed subprocess (or a second full run): the process boundary is the test
 def test_sigkill_leaves_whole_files_and_restart_finishes(world, library12, tmp_path, capsys):
     """A run killed with SIGKILL once some songs are written: every file there is whole (equal to
     a clean run's), and the restart tags only the rest, leaving the finished files untouched."""
@@ -328,6 +329,7 @@ def test_sigkill_leaves_whole_files_and_restart_finishes(world, library12, tmp_p
     assert not list(out.rglob(f"*{TMP_SUFFIX}"))
 
 
+@pytest.mark.slow  # a killed subprocess (or a second full run): the process boundary is the test
 def test_sigterm_stops_after_a_song_and_writes_what_is_done(world, library12, tmp_path):
     """SIGTERM mid-run: exit 75, the JSONL assembled from the songs done (each whole), no parts left."""
     lib, preset, want = library12

@@ -146,7 +146,8 @@ ROWS = [
     pytest.param(Row("train", TRAIN + ["output_dir={frozen}", "max_steps=2", LAYERS4], 2, SAVED3,
                      unchanged=("{frozen}",)), id="5-resume-llm-frozen-other-architecture"),
     pytest.param(Row("train", TRAIN + ["output_dir={trained}", "trainable.llm=full", "max_steps=2", LAYERS4], 2,
-                     SAVED3, unchanged=("{trained}",)), id="5-resume-llm-trained-other-architecture"),
+                     SAVED3, unchanged=("{trained}",)), id="5-resume-llm-trained-other-architecture",
+                 marks=pytest.mark.slow),  # its run is a train.py subprocess; the frozen row covers the quick tier
     pytest.param(Row("train", TRAIN + ["output_dir={frozen}", "max_steps=2", "trainable.llm=full"], 2,
                      "trainable.llm: saved frozen, now full", unchanged=("{frozen}",)),
                  id="5-resume-other-trainable-set"),
@@ -319,6 +320,7 @@ def test_eval_loss_line_is_not_glued_to_the_progress_bar(trained):
     assert segments and all(s.startswith("INFO") for s in segments), segments
 
 
+@pytest.mark.slow  # a third training run; the refusal rows above cover resume in the quick tier
 def test_resume_with_the_same_architecture_still_works(frozen, data, tmp_path, capsys):
     """The check compares the architecture and the trainable set only: a resume with another
     learning rate, step count or run setting goes on from the checkpoint."""
