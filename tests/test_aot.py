@@ -271,6 +271,8 @@ def test_train_cli_compile_only_needs_a_topology(capsys):
     assert aot_main(["topologies"]) == 0 and "v5p-128" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a whole XLA:TPU compile through the CLI (minutes on 2 cores); the quick tier
+# compiles the tiny train step for a v5e slice in test_tiny_train_step_compiles_for_a_v5e_slice
 def test_train_cli_compiles_a_two_slice_job(tmp_path, capsys):
     """``train.py --compile_only --num_slices 2``: the data axis spans the slices (DCN), fsdp stays
     within a slice, and the tiny model's real step compiles for it."""
@@ -290,6 +292,8 @@ def test_train_cli_compiles_a_two_slice_job(tmp_path, capsys):
     assert "v5e-4 x2" in out.out and "2/4/1" in out.out
 
 
+@pytest.mark.slow  # a whole XLA:TPU compile through the CLI (minutes on 2 cores); the quick tier
+# compiles the tiny train step for a v5e slice in test_tiny_train_step_compiles_for_a_v5e_slice
 def test_infer_cli_compiles_prefill_and_decode(tmp_path, capsys):
     """``infer.py --compile_only``: the config comes from the model directory; no requests needed."""
     import json
