@@ -63,7 +63,8 @@ def train_main(argv=None) -> int:
     if args.compile_only != (args.topology is not None):
         ap.error("--compile-only and --topology go together")
     setup_logging()
-    enable_compile_cache()
+    if not args.compile_only:  # XLA:TPU programs compiled without a TPU cannot be read back from the cache
+        enable_compile_cache()
 
     from mufun_jax.train_config import TrainConfig
     from mufun_jax.train_lib import NonFiniteLossError, train
@@ -180,7 +181,8 @@ def infer_main(argv=None) -> int:
     tpu.add_argument("--num-slices", type=int, default=1)
     tpu.add_argument("--context", type=int, default=4096, help="prompt tokens per row (audio included)")
     args = ap.parse_args(argv)
-    enable_compile_cache()
+    if not (args.compile_only or args.topology):  # as in train_main: no cache for TPU compiles on a CPU host
+        enable_compile_cache()
     if args.prefill_batch < 1 or (args.prefill_chunk is not None and args.prefill_chunk < 1):
         ap.error(f"--prefill-batch {args.prefill_batch} and --prefill-chunk {args.prefill_chunk} must be >= 1")
     prefill_batch = min(args.prefill_batch, max(args.batch_size, 1))

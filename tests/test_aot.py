@@ -24,6 +24,9 @@ from mufun_jax.config import preset  # noqa: E402
 from mufun_jax.train_config import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The suite's persistent compilation cache (conftest) stores these XLA:TPU programs but cannot load
+# them without a TPU client: jax warns and compiles them again, as it would without the cache.
+pytestmark = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry")
 
 
 @pytest.fixture(scope="module")
