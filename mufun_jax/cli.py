@@ -138,7 +138,8 @@ def train_main(argv=None) -> int:
     if args.compile_only != (args.topology is not None):
         ap.error("--compile-only and --topology go together")
     setup_logging()
-    enable_compile_cache()
+    if not args.compile_only:  # XLA:TPU programs compiled without a TPU cannot be read back from the cache
+        enable_compile_cache()
     return run_cli(ap.prog, lambda: _train(ap.prog, args), args.debug)
 
 
@@ -254,7 +255,8 @@ def infer_main(argv=None) -> int:
     tpu.add_argument("--num-slices", type=int, default=1)
     tpu.add_argument("--context", type=int, default=4096, help="prompt tokens per row (audio included)")
     args = ap.parse_args(argv)
-    enable_compile_cache()
+    if not (args.compile_only or args.topology):  # as in train_main: no cache for TPU compiles on a CPU host
+        enable_compile_cache()
     return run_cli(ap.prog, lambda: _infer(ap, args), args.debug)
 
 

@@ -24,6 +24,9 @@ from mufun_jax.config import preset  # noqa: E402
 from mufun_jax.train_config import TrainConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+# The suite's persistent compilation cache (conftest) stores these XLA:TPU programs but cannot load
+# them without a TPU client: jax warns and compiles them again, as it would without the cache.
+pytestmark = pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry")
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +210,7 @@ def test_out_of_memory_is_reported_not_raised():
     assert "does not fit v5e-1" in aot.not_fitting([r])
 
 
+@pytest.mark.slow  # a whole TPU compile; the quick tier keeps the smaller AOT tests
 def test_tiny_train_step_compiles_for_a_v5e_slice(v5e4):
     """The real Trainer.train_step of the tiny model, splash attention, full remat, chunked loss."""
     from flax import nnx
@@ -271,6 +275,8 @@ def test_train_cli_compile_only_needs_a_topology(capsys):
     assert aot_main(["topologies"]) == 0 and "v5p-128" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a whole XLA:TPU compile through the CLI (minutes on 2 cores); the quick tier
+# compiles the tiny train step for a v5e slice in test_tiny_train_step_compiles_for_a_v5e_slice
 def test_train_cli_compiles_a_two_slice_job(tmp_path, capsys):
     """``train.py --compile_only --num_slices 2``: the data axis spans the slices (DCN), fsdp stays
     within a slice, and the tiny model's real step compiles for it."""
@@ -290,6 +296,8 @@ def test_train_cli_compiles_a_two_slice_job(tmp_path, capsys):
     assert "v5e-4 x2" in out.out and "2/4/1" in out.out
 
 
+@pytest.mark.slow  # a whole XLA:TPU compile through the CLI (minutes on 2 cores); the quick tier
+# compiles the tiny train step for a v5e slice in test_tiny_train_step_compiles_for_a_v5e_slice
 def test_infer_cli_compiles_prefill_and_decode(tmp_path, capsys):
     """``infer.py --compile_only``: the config comes from the model directory; no requests needed."""
     import json

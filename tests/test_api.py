@@ -367,6 +367,7 @@ def test_infer_cli_streams_and_resumes_after_sigkill(setup, tmp_path):
     assert {g["id"]: g for g in got} == want  # the same content as an uninterrupted run
 
 
+@pytest.mark.slow  # four infer runs; test_cli_errors and test_eval keep shards/resume in the quick tier
 def test_infer_cli_shards_merge_to_an_uninterrupted_run(setup, tmp_path):
     """--shard I/N splits the work into disjoint files that merge to an uninterrupted run's results
     (infer.py's main in this process: no process boundary is tested here)."""

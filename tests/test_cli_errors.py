@@ -258,6 +258,7 @@ def test_resume_drops_only_a_cut_last_line_and_retries_errors(world, tmp_path, c
 # -- the audio cache, keyed by content ------------------------------------------------------------
 
 
+@pytest.mark.slow  # cost in the quick tier's 10 minutes; the quick tier keeps a cheaper test of the same module
 def test_one_song_under_two_paths_is_encoded_once(world, tmp_path, capsys):
     """The audio cache is keyed by the decoded samples: a copy of a song under another name is
     not encoded again (it was, when keys were paths), and infer.py reports what the caches reused.

@@ -496,6 +496,7 @@ def test_two_models_side_by_side(setup, both_run, tmp_path):
     assert "| subset | n | base | tuned | tuned − base | McNemar p |" in md and "| +0.0 |" in md
 
 
+@pytest.mark.slow  # the demo's own test runs mufun-eval in run(); a second model build here
 def test_demo_clips_as_multiple_choice(setup, tmp_path, capsys):
     """The demo's held-out clips become one subset per task, and its summary is read from results.json."""
     from mufun_jax import demo

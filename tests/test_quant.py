@@ -97,7 +97,7 @@ def torch_teacher_forced(ref, req, tokens):
     return torch.log_softmax(logits, -1)[at, torch.tensor(tokens)].numpy(), logits[at].numpy()
 
 
-@pytest.mark.parametrize("mode", ["int8", "nf4"])
+@pytest.mark.parametrize("mode", ["int8", pytest.param("nf4", marks=pytest.mark.slow)])
 def test_engine_on_the_quantized_model_equals_hf_on_its_weights(setup, mode):
     """Continuous batching (2 slots, 3 requests, so the third waits for a free slot; one with audio) and scoring
     on the quantised model against HF on the dequantised weights: every generated token is HF's argmax given the tokens
@@ -121,6 +121,7 @@ def test_engine_on_the_quantized_model_equals_hf_on_its_weights(setup, mode):
     assert worst <= 1e-4
 
 
+@pytest.mark.slow  # cost in the quick tier's 10 minutes; the quick tier keeps a cheaper test of the same module
 def test_accuracy_against_bf16(setup):
     """Teacher-forced next-token predictions of the quantised model against the bf16 model on the
     same inputs (text and audio): the greedy agreement rate and the largest logit difference, each

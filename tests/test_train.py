@@ -134,6 +134,7 @@ def test_fused_loss_runs_three_vocabulary_matmuls_not_four():
 # -- steps -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # cost in the quick tier's 10 minutes; the quick tier keeps a cheaper test of the same module
 def test_grad_accumulation_equals_one_big_batch():
     """Two micro-batches of 2 rows accumulated == one micro-batch of the same 4 rows."""
     rng = np.random.default_rng(2)
@@ -245,6 +246,7 @@ def test_shipped_configs_parse(name):
         assert cfg.data.template == ("pretrain" if warm else "qwen2_instruct")
 
 
+@pytest.mark.slow  # cost in the quick tier's 10 minutes; the quick tier keeps a cheaper test of the same module
 def test_pool_stride_10_packs_its_own_audio_slots_and_trains(tmp_path):
     """The packer takes tokens_per_chunk from the model config: a model with AvgPool stride 10 (150
     audio tokens per 30 s chunk) gets each audio in its own slots, so its packed logits equal its
@@ -290,6 +292,7 @@ def test_pool_stride_10_packs_its_own_audio_slots_and_trains(tmp_path):
     assert result["step"] == 2 and np.isfinite(result["loss"])
 
 
+@pytest.mark.slow  # cost in the quick tier's 10 minutes; the quick tier keeps a cheaper test of the same module
 def test_model_trained_with_the_tpu_kernel_serves_on_cpu(tmp_path):
     """Run settings are not saved with the weights: a model trained with attention_impl
     splash_interpret exports a config without it, and loads and answers on CPU with the default

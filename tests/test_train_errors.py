@@ -314,6 +314,7 @@ def test_run_cli_maps_expected_errors_and_lets_bugs_through(capsys):
     assert cli.run_cli("prog", lambda: 3, debug=False) == 3
 
 
+@pytest.mark.slow  # its run is a train.py subprocess (the progress bar is on a real stderr)
 def test_eval_loss_line_is_not_glued_to_the_progress_bar(trained):
     _, err = trained
     segments = [s for s in re.split(r"[\r\n]", err) if "eval loss at step" in s]

@@ -118,6 +118,7 @@ def _model_params(model_dir):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in flat}
 
 
+@pytest.mark.slow  # cost in the quick tier's 10 minutes; the quick tier keeps a cheaper test of the same module
 def test_warmup_result_initialises_the_full_stage(tiny_data, tmp_path):
     import jax
 

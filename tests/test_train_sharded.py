@@ -3,6 +3,7 @@ data=2 x fsdp=4; fsdp=4 x tensor=2), with gradient accumulation, a frozen module
 (whose chunks depend on the rows per device); with the
 Pallas splash kernel (interpret mode) running per shard inside the real train step; and QLoRA."""
 
+import pytest
 import os
 import subprocess
 import sys
@@ -97,6 +98,7 @@ SCRIPT = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.slow  # a 4-device subprocess; test_sharding keeps sharded-vs-single parity in the quick tier
 def test_sharded_train_steps_equal_single_device():
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
