@@ -39,6 +39,7 @@ def test_the_report_is_a_picture(short_demo, capsys):
     assert (out / "accuracy.json").exists()
 
 
+@pytest.mark.slow  # reads the full demo run of the accuracy tests (its training is minutes)
 def test_the_demo_scores_itself_through_mufun_eval(short_demo):
     """The held-out clips, as one multiple-choice subset per task, go through mufun-eval; the
     summary reads its results.json, whose average is the mean of the subsets' accuracies."""

@@ -151,6 +151,7 @@ def test_accuracy_against_bf16(setup):
         assert agree >= agree_min and dlogit <= logit_max and daudio <= audio_max, mode
 
 
+@pytest.mark.slow  # cost in the quick tier's 10 minutes; the int8 engine parity test stays quick
 def test_parameter_bytes_halve():
     """Measured on a small model's arrays, and on the 8B model's shapes (nothing allocated)."""
     cfg = small_cfg().replace(qwen3=preset("mufun-tiny").qwen3.__class__(
