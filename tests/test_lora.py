@@ -77,6 +77,7 @@ def test_dropout_masks_differ_by_key_layer_and_projection():
     np.testing.assert_allclose(y_eval, want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow  # cost in the quick tier; test_peft keeps the adapter export and merge quick
 def test_export_merges_the_adapters(tmp_path, quantize="int8"):
     """train.py's export (OUTPUT_DIR/model) holds plain weights with the adapters merged in (and a
     quantised base dequantised): loaded back it gives the adapted model's logits."""

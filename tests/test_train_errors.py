@@ -155,7 +155,7 @@ ROWS = [
                      "pass --force to resume", unchanged=("{frozen}",)), id="5-message-names-the-way-out"),
     pytest.param(Row("train", TRAIN + ["output_dir={trained}", "trainable.llm=full", "max_steps=2", LAYERS4,
                                        "--force"], 2, "re:checkpoints/1: does not fit this config's train state",
-                     unchanged=("{trained}",)), id="5-force-that-cannot-restore-changes-nothing"),
+                     unchanged=("{trained}",)), id="5-force-that-cannot-restore-changes-nothing", marks=pytest.mark.slow),
     # 6: impossible values
     *[pytest.param(Row("train", TRAIN + [OUT, kv], 2, msg, absent=("{tmp}/out",)), id=f"6-{kv}") for kv, msg in [
         ("optim.lr=-1e-3", "optim.lr=-0.001: allowed a number > 0"),
