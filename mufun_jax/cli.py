@@ -19,6 +19,9 @@ from typing import Callable
 from mufun_jax.compile_cache import enable_compile_cache
 from mufun_jax.errors import EXIT_PREEMPTED
 
+# infer.py's flags that are SamplingParams fields (by name; max_new_tokens is HF's name for max_tokens)
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "max_new_tokens")
+
 EXIT_USAGE = 2  # bad input: the one-line error of run_cli, argparse's usage errors
 
 
@@ -224,8 +227,8 @@ def infer_main(argv=None) -> int:
                     "tokens (must divide the prompt buckets above it): bounds long prompts' memory")
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of requests without their own 'seed'")
     ap.add_argument("--score", action="store_true", help="score each request's 'candidates' instead of generating; "
                                                          "the answer is the most likely candidate")
@@ -280,15 +283,14 @@ def _infer(ap, args) -> int:
                                   quantize=None if args.quantize == "none" else args.quantize)
     if args.input is None or args.output is None:
         ap.error("MODEL, INPUT and --output are required (except with --compile-only)")
-    from mufun_jax.config import check_sampling
-
     bad = [f"{name} {value} {why}" for name, value, cond, why in (
         ("--batch-size", args.batch_size, args.batch_size < 1, "must be >= 1"),
         ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens < 1, "must be >= 1"),
     ) if cond]
+    from mufun_jax.sampling import SamplingParams  # jax: cli.py imports it lazily so --help stays instant
+
     try:
-        check_sampling(args.temperature, 1.0 if args.top_p is None else args.top_p,
-                       0 if args.top_k is None else args.top_k)
+        sampling = SamplingParams.from_kwargs(**{k: getattr(args, k) for k in SAMPLING_FLAGS})
     except ValueError as e:
         bad.append(str(e))
     if bad:
@@ -376,9 +378,7 @@ def _infer(ap, args) -> int:
                 print(f"infer.py: error: {e}", file=sys.stderr)
                 return 2
             good = [r for _, r in todo if not isinstance(r, _BadLine)]
-            results = model.iter_results(good, score=args.score, max_new_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                         seed=args.seed, audio_root=args.audio_root, progress=not args.no_progress,
+            results = model.iter_results(good, score=args.score, sampling=sampling, seed=args.seed, audio_root=args.audio_root, progress=not args.no_progress,
                                          ordered=False)
         else:
             results = iter(())
