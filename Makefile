@@ -1,10 +1,11 @@
 # `make test` works from a fresh clone with only python3: it builds .venv, installs .[test], runs the
-# quick tier of pytest (every module, minus the tests marked slow); `make test-all` runs everything.
+# quick tier of pytest (every module, minus the tests marked slow); `make test-all` runs everything
+# and builds the docs site (mkdocs.yml) with --strict, so a broken link between pages fails it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-all install clean demo demo-lora bench bench-tpu
+.PHONY: test test-all install clean demo demo-lora bench bench-tpu docs
 
 # The repository goes first on PYTHONPATH, so a clone tests its own code even where .venv's editable
 # install points at another checkout. Both tiers print their 15 slowest tests.
@@ -15,6 +16,14 @@ test: $(VENV)/.installed
 
 test-all: $(VENV)/.installed
 	$(PYTEST)
+	$(MKDOCS)
+
+# The docs site (mkdocs-material, in the test and docs extras) -> build/site. Not --quiet: in mkdocs 1.6
+# --quiet also hides the warnings that --strict counts, so a broken link would pass.
+MKDOCS = NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir $(CURDIR)/build/site
+
+docs: $(VENV)/.installed
+	$(MKDOCS)
 
 install: $(VENV)/.installed
 
