@@ -201,3 +201,21 @@ def losses(out) -> list[tuple[int, float]]:
 
 def committed(out) -> list[int]:
     return sorted(int(p.name) for p in (Path(out) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def tiny_model_dir(d: Path, texts: list[str], seed: int = 3) -> Path:
+    """A saved model directory (``d / "model"``): the small Whisper, a byte-level BPE trained on
+    ``texts``, random weights with the LM head scaled by 8 (greedy choices far from ties, varied)."""
+    import dataclasses
+
+    from mufun_jax.checkpoint import save_model
+    from mufun_jax.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(texts, d / "tok", vocab_size=400)
+    cfg = small_cfg()
+    cfg = cfg.replace(qwen3=dataclasses.replace(cfg.qwen3, vocab_size=len(tok)))
+    params = nnx.to_pure_dict(nnx.state(MuFun(cfg, rngs=nnx.Rngs(seed))))
+    head = params["language_model"]["lm_head"]
+    head["kernel"] = np.asarray(head["kernel"]) * 8.0
+    save_model(d / "model", cfg, params, tokenizer=tok)
+    return d / "model"
