@@ -29,7 +29,7 @@ from mufun_jax.generate import Request as EngineRequest
 from mufun_jax.request import _audio_keys
 from mufun_jax.sampling import SamplingParams
 from mufun_jax.serve.loop import EngineLoop, Submission
-from mufun_jax.serve.messages import AudioPolicy, ChatRequest, ServeError, parse_chat
+from mufun_jax.serve.messages import AudioPolicy, ChatRequest, DecodedAudio, ServeError, parse_chat
 from mufun_jax.serve.metrics import Metrics
 from mufun_jax.serve.text import TextStream
 
@@ -51,6 +51,7 @@ def create_app(mufun, settings: ServeSettings) -> FastAPI:
     metrics = Metrics(gen)
     engine = EngineLoop(gen, max_queue=settings.max_queue, metrics=metrics)
     metrics.bind(engine)
+    decoded = DecodedAudio()
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -108,7 +109,7 @@ def create_app(mufun, settings: ServeSettings) -> FastAPI:
         if isinstance(body, dict) and body.get("model") not in (None, settings.served_model_name):
             raise ServeError(404, f"the model {body.get('model')!r} does not exist; this server serves "
                                   f"{settings.served_model_name!r}", param="model", code="model_not_found")
-        chat, requests, prompt_len = await run_in_threadpool(_prepare, mufun, body, settings)
+        chat, requests, prompt_len = await run_in_threadpool(_prepare, mufun, body, settings, decoded)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         subs = [Submission(r, i, events, loop) for i, r in enumerate(requests)]
@@ -123,10 +124,10 @@ def create_app(mufun, settings: ServeSettings) -> FastAPI:
     return app
 
 
-def _prepare(mufun, body, settings: ServeSettings) -> tuple[ChatRequest, list, int]:
+def _prepare(mufun, body, settings: ServeSettings, decoded: DecodedAudio) -> tuple[ChatRequest, list, int]:
     """Parse, decode the audio, tokenise and check against the engine: on a worker thread."""
     gen = mufun.generator
-    chat = parse_chat(body, settings.audio, gen.max_new_tokens)
+    chat = parse_chat(body, settings.audio, gen.max_new_tokens, decoded)
     text = mufun.template.render(chat.turns)
     if chat.system is not None:  # the template's fixed system prompt gives way to the client's
         head = SYSTEM + " "

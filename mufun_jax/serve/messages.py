@@ -20,8 +20,10 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import os
 import tempfile
+import threading
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -30,6 +32,7 @@ import numpy as np
 
 from mufun_jax import audio as audio_lib
 from mufun_jax.data.templates import AUDIO_TAG
+from mufun_jax.lru import LRUCache
 
 MAX_N = 16  # choices per request: each is a decode slot
 MAX_STOP = 4  # OpenAI's limit on stop strings
@@ -62,6 +65,24 @@ class AudioPolicy:
     max_remote_bytes: int = 64 << 20
 
 
+class DecodedAudio:
+    """Decoded samples by a hash of the bytes sent (or a file's path, size and mtime): clients
+    asking several questions about one song send it each time, and it is decoded once (as
+    ``MuFun.iter_results`` decodes a file once per window). Shared by the request threads."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.cache, self.lock = LRUCache(max_bytes), threading.Lock()
+
+    def get(self, key, decode) -> np.ndarray:
+        with self.lock:
+            x = self.cache.get(key)
+        if x is None:
+            x = decode()
+            with self.lock:
+                self.cache.put(key, x)
+        return x
+
+
 @dataclasses.dataclass
 class ChatRequest:
     """A parsed request: ``turns`` as the template takes them, the audios in tag order (16 kHz
@@ -87,8 +108,9 @@ def _check_type(body: dict, name: str, types, what: str):
     return v
 
 
-def parse_chat(body, policy: AudioPolicy, max_tokens_cap: int) -> ChatRequest:
+def parse_chat(body, policy: AudioPolicy, max_tokens_cap: int, decoded: DecodedAudio | None = None) -> ChatRequest:
     """Read and check a ``/v1/chat/completions`` body (the model name is checked by the app)."""
+    decoded = decoded or DecodedAudio(0)
     if not isinstance(body, dict):
         raise ServeError(400, "the request body must be a JSON object")
     for name, default in UNSUPPORTED.items():
@@ -103,7 +125,7 @@ def parse_chat(body, policy: AudioPolicy, max_tokens_cap: int) -> ChatRequest:
             raise ServeError(400, f"messages[{i}]: role must be system, developer, user or assistant, got "
                                   f"{m.get('role') if isinstance(m, dict) else m!r}", param=f"messages[{i}]")
         role = m["role"]
-        text, found = _content(m.get("content"), i, policy, allow_audio=role == "user")
+        text, found = _content(m.get("content"), i, policy, decoded, allow_audio=role == "user")
         if role in ("system", "developer"):
             if turns or user is not None:
                 raise ServeError(400, f"messages[{i}]: a system message must come first", param=f"messages[{i}]")
@@ -163,7 +185,8 @@ def _settings(body: dict, cap: int) -> dict:
                 include_usage=bool(opts.get("include_usage")), stop=stop, seed_given=seed is not None)
 
 
-def _content(content, i: int, policy: AudioPolicy, allow_audio: bool) -> tuple[str, list[np.ndarray]]:
+def _content(content, i: int, policy: AudioPolicy, decoded: DecodedAudio,
+             allow_audio: bool) -> tuple[str, list[np.ndarray]]:
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -178,7 +201,7 @@ def _content(content, i: int, policy: AudioPolicy, allow_audio: bool) -> tuple[s
         elif kind in ("input_audio", "audio_url"):
             if not allow_audio:
                 raise ServeError(400, f"{where}: audio is only accepted in user messages", param=where)
-            audios.append(_audio(part, kind, where, policy))
+            audios.append(_audio(part, kind, where, policy, decoded))
             pieces.append(AUDIO_TAG)
         else:
             raise ServeError(400, f"{where}: unknown content part {kind!r} (expected text, input_audio or "
@@ -188,13 +211,13 @@ def _content(content, i: int, policy: AudioPolicy, allow_audio: bool) -> tuple[s
     return "\n".join(pieces), audios
 
 
-def _audio(part: dict, kind: str, where: str, policy: AudioPolicy) -> np.ndarray:
+def _audio(part: dict, kind: str, where: str, policy: AudioPolicy, decoded: DecodedAudio) -> np.ndarray:
     spec = part.get(kind)
     if kind == "input_audio":
         if not isinstance(spec, dict) or not isinstance(spec.get("data"), str):
             raise ServeError(400, f"{where}: input_audio needs {{'data': BASE64, 'format': ...}}", param=where)
         fmt = str(spec.get("format") or "wav").lower()
-        return _decode(_b64(spec["data"], where), fmt, where, policy)
+        return _decode(_b64(spec["data"], where), fmt, where, policy, decoded)
     url = spec.get("url") if isinstance(spec, dict) else spec
     if not isinstance(url, str) or not url:
         raise ServeError(400, f"{where}: audio_url needs {{'url': ...}}", param=where)
@@ -203,15 +226,15 @@ def _audio(part: dict, kind: str, where: str, policy: AudioPolicy) -> np.ndarray
         if ";base64" not in head:
             raise ServeError(400, f"{where}: a data: URL must be base64 (data:audio/wav;base64,...)", param=where)
         fmt = head[5:].split(";")[0].split("/")[-1] or "wav"
-        return _decode(_b64(data, where), fmt, where, policy)
+        return _decode(_b64(data, where), fmt, where, policy, decoded)
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme == "file":
-        return _file_audio(Path(urllib.parse.unquote(parsed.path)), where, policy)
+        return _file_audio(Path(urllib.parse.unquote(parsed.path)), where, policy, decoded)
     if parsed.scheme in ("http", "https"):
         if not policy.allow_remote:
             raise ServeError(400, f"{where}: remote audio URLs are refused (start the server with "
                                   f"--allow-remote-audio to fetch them)", param=where)
-        return _remote_audio(url, where, policy)
+        return _remote_audio(url, where, policy, decoded)
     raise ServeError(400, f"{where}: unsupported audio URL scheme {parsed.scheme!r} (data:, file:// or "
                           f"http(s)://)", param=where)
 
@@ -226,7 +249,7 @@ def _b64(data: str, where: str) -> bytes:
     return raw
 
 
-def _file_audio(path: Path, where: str, policy: AudioPolicy) -> np.ndarray:
+def _file_audio(path: Path, where: str, policy: AudioPolicy, decoded: DecodedAudio) -> np.ndarray:
     if policy.allowed_dir is None:
         raise ServeError(400, f"{where}: file:// audio is refused (start the server with --allowed-audio-dir DIR)",
                          param=where)
@@ -235,10 +258,12 @@ def _file_audio(path: Path, where: str, policy: AudioPolicy) -> np.ndarray:
         raise ServeError(400, f"{where}: {path} is outside the allowed audio directory", param=where)
     if not real.is_file():
         raise ServeError(400, f"{where}: no such audio file under the allowed directory: {path}", param=where)
-    return _checked(lambda: audio_lib.load_audio(real), where, policy)
+    st = real.stat()
+    return _checked(lambda: decoded.get(("file", str(real), st.st_size, st.st_mtime_ns),
+                                        lambda: audio_lib.load_audio(real)), where, policy)
 
 
-def _remote_audio(url: str, where: str, policy: AudioPolicy) -> np.ndarray:
+def _remote_audio(url: str, where: str, policy: AudioPolicy, decoded: DecodedAudio) -> np.ndarray:
     try:
         with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 - only with --allow-remote-audio
             raw = r.read(policy.max_remote_bytes + 1)
@@ -247,17 +272,21 @@ def _remote_audio(url: str, where: str, policy: AudioPolicy) -> np.ndarray:
     if len(raw) > policy.max_remote_bytes:
         raise ServeError(413, f"{where}: {url} is over {policy.max_remote_bytes} bytes", param=where)
     suffix = Path(urllib.parse.urlparse(url).path).suffix.lstrip(".") or "wav"
-    return _decode(raw, suffix, where, policy)
+    return _decode(raw, suffix, where, policy, decoded)
 
 
-def _decode(raw: bytes, fmt: str, where: str, policy: AudioPolicy) -> np.ndarray:
+def _decode(raw: bytes, fmt: str, where: str, policy: AudioPolicy, decoded: DecodedAudio) -> np.ndarray:
     """Decode audio bytes through the same decoders as a file (so an answer equals chat()'s)."""
     if not fmt.isalnum() or len(fmt) > 8:
         raise ServeError(400, f"{where}: bad audio format {fmt!r}", param=where)
-    with tempfile.NamedTemporaryFile(suffix="." + fmt) as f:
-        f.write(raw)
-        f.flush()
-        return _checked(lambda: audio_lib.load_audio(f.name), where, policy)
+    def decode():
+        with tempfile.NamedTemporaryFile(suffix="." + fmt) as f:
+            f.write(raw)
+            f.flush()
+            return audio_lib.load_audio(f.name)
+
+    key = ("bytes", fmt, hashlib.blake2b(raw, digest_size=16).hexdigest())
+    return _checked(lambda: decoded.get(key, decode), where, policy)
 
 
 def _checked(load, where: str, policy: AudioPolicy) -> np.ndarray:
