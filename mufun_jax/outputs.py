@@ -286,6 +286,17 @@ def open_results(path: str | Path, *, retry_errors: bool = True, kind: RecordKin
     return TableResults(path, WRITERS[suffix], retry_errors=retry_errors, kind=kind)
 
 
+def write_table(path: str | Path, fmt: str, records: list[dict]) -> None:
+    """Write ``records`` as a ``csv`` or ``parquet`` table at ``path``, atomically (the tables of
+    :class:`TableResults`; the tagger's parquet output too)."""
+    _atomic(Path(path), ".tmp", lambda f: _write_table(f, fmt, records))
+
+
+def read_table(path: str | Path, fmt: str, kind: RecordKind) -> list[dict]:
+    """The records of a table written by :func:`write_table`; :class:`ResultsFileError` for anything else."""
+    return _read_table(Path(path), fmt, kind)
+
+
 def _key(rid):
     """Ids compare by their JSON form (so 3 and "3" stay different, and lists work; a tuple is its list)."""
     return json.dumps(rid, sort_keys=True)

@@ -130,3 +130,23 @@ def test_csv_cells_are_readable(tmp_path):
     assert lines[0] == "id,answer,finish_reason,num_tokens"
     assert lines[1] == "0,Rock.,stop,3" and lines[2] == '"""3""","""""",length,0'
     assert json.loads('"3"') == "3"
+
+
+def test_the_tagger_writes_and_resumes_parquet(tmp_path):
+    from mufun_jax.tag_formats import OutputError, make_writer, read_table
+
+    out = tmp_path / "tags.parquet"
+    songs = {"a/one.wav": {"path": "a/one.wav", "prompt": "rock, guitar", "lyrics": None, "genre": "rock"},
+             "two.mp3": {"path": "two.mp3", "prompt": "jazz", "lyrics": "la la", "genre": "jazz"}}
+    w = make_writer("parquet", tmp_path, out, has_lyrics=True, overwrite=False)
+    w.write("a/one.wav", songs["a/one.wav"])
+    again = make_writer("parquet", tmp_path, out, has_lyrics=True, overwrite=False)  # killed before finish
+    assert again.done("a/one.wav") and not again.done("two.mp3")
+    again.write("two.mp3", songs["two.mp3"])
+    again.finish(["genre"])
+    back = read_table("parquet", out)
+    assert back == {k: {c: v for c, v in r.items() if v is not None} for k, r in songs.items()}
+    assert make_writer("parquet", tmp_path, out, has_lyrics=True, overwrite=False).done("two.mp3")
+    (tmp_path / "other.parquet").write_text("not a table")
+    with pytest.raises(OutputError, match="not a mufun-tag parquet table"):
+        make_writer("parquet", tmp_path, tmp_path / "other.parquet", has_lyrics=True, overwrite=False)
