@@ -51,8 +51,10 @@ demo-lora: $(VENV)/.installed
 
 # JAX vs the PyTorch reference, side by side on this machine: bench/results.{json,md} (README links
 # them). Run it on a quiet machine: about 30 minutes a round (three rounds) on 2 CPU cores. Not part of `make test`.
+# bench/ scripts import mufun_jax from this checkout (PYTHONPATH, as for the tests) and their own
+# bench/workloads package (Python puts the script's folder first on the path); none edits sys.path.
 bench: $(VENV)/.installed
-	$(PY) bench/compare.py --repeats 3 --out bench
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) bench/compare.py --repeats 3 --out bench
 
 # Our train step and MaxText's Qwen3-8B, compiled ahead of time for v5p-128 and v6e-64 on this CPU
 # host and compared per chip (bench/tpu_vs_maxtext.py -> bench/tpu_vs_maxtext.{json,md}; docs/tpu.md).
@@ -71,7 +73,7 @@ $(TPU_VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 bench-tpu: $(TPU_VENV)/.installed
-	JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python bench/tpu_vs_maxtext.py --out bench
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python bench/tpu_vs_maxtext.py --out bench
 
 clean:
 	rm -rf $(VENV) $(TPU_VENV) build *.egg-info .pytest_cache

@@ -219,7 +219,8 @@ def infer_main(argv=None) -> int:
     ap.add_argument("model", nargs="?", metavar="MODEL", help="a converted directory (convert_weights.py import, or train.py's "
                                              "OUTPUT_DIR/model) or a PyTorch MuFun checkpoint directory")
     ap.add_argument("input", nargs="?", metavar="INPUT", help="requests, as a JSON list or JSONL")
-    ap.add_argument("--output", "-o", help="JSONL results, one line per request as it completes (resumable)")
+    ap.add_argument("--output", "-o", help="results, resumable: .jsonl (a line per request as it completes), .csv "
+                    "or .parquet (written whole at the end of the run)")
     ap.add_argument("--batch-size", type=int, default=8, help="decode slots: requests answered together")
     ap.add_argument("--prefill-batch", type=int, default=4, help="prompts prefilled together as slots free up "
                     "(at most --batch-size; default 4): bounds the prefill's memory, as in --compile-only")
@@ -267,7 +268,7 @@ def _infer(ap, args) -> int:
     import json
     from pathlib import Path
 
-    from mufun_jax.outputs import ResultsFile, ResultsFileError, parse_shard, shard_path
+    from mufun_jax.outputs import ResultsFileError, open_results, parse_shard, shard_path
 
     if args.prefill_batch < 1 or (args.prefill_chunk is not None and args.prefill_chunk < 1):
         ap.error(f"--prefill-batch {args.prefill_batch} and --prefill-chunk {args.prefill_chunk} must be >= 1")
@@ -346,7 +347,7 @@ def _infer(ap, args) -> int:
         shard = (jax.process_index(), jax.process_count())
     mine = [it for p, it in enumerate(items) if shard is None or p % shard[1] == shard[0]]
     try:
-        results_file = ResultsFile(shard_path(out, shard), retry_errors=args.retry_errors)
+        results_file = open_results(shard_path(out, shard), retry_errors=args.retry_errors)  # suffix: the format
     except (ResultsFileError, OSError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2

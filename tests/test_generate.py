@@ -17,7 +17,7 @@ from mufun_jax.config import IMAGE_TOKEN_INDEX as AUDIO, WhisperConfig, preset
 from mufun_jax.engine import Generator
 from mufun_jax.generate import Request
 from mufun_jax.sampling import SamplingParams, filter_logits
-from torch_reference import TorchMuFun
+from mufun_jax.testing.torch_reference import TorchMuFun
 
 MAX_NEW = 8
 
