@@ -217,8 +217,11 @@ def tiny_model_dir(d: Path, texts: list[str], seed: int = 3) -> Path:
     ``texts``, random weights with the LM head scaled by 8 (greedy choices far from ties, varied)."""
     import dataclasses
 
+    from flax import nnx
+
     from mufun_jax.checkpoint import save_model
     from mufun_jax.data.tokenizer import build_tokenizer
+    from mufun_jax.models import MuFun
 
     tok = build_tokenizer(texts, d / "tok", vocab_size=400)
     cfg = small_cfg()
