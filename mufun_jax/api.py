@@ -116,7 +116,8 @@ class MuFun:
         ``adapter``: a PEFT LoRA adapter directory (``convert_weights.py export-adapter``, or one
         trained with PEFT on the PyTorch MuFun), merged into the weights at load. ``mesh`` (a
         ``(data, fsdp, tensor)`` mesh from :func:`mufun_jax.sharding.make_mesh`) shards the
-        parameters by their logical axes; without it they go to the default device. ``tokenizer``:
+        parameters by their logical axes and the engine's KV cache (kv heads over ``tensor``, slots
+        over ``data``); without it they go to the default device. ``tokenizer``:
         a tokenizer or a directory (default: the checkpoint's own files). Other keywords go to the
         constructor."""
         import jax
@@ -135,7 +136,7 @@ class MuFun:
             if not any((tok_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
                 raise FileNotFoundError(f"{tok_dir}: no tokenizer files; pass tokenizer=DIR")
             tokenizer = dataset_tokenizer(tok_dir)
-        return cls(model, tokenizer, **kw)
+        return cls(model, tokenizer, mesh=mesh, **kw)
 
     def _stop_ids(self) -> list[int]:
         tok = self.tokenizer

@@ -236,6 +236,8 @@ def infer_main(argv=None) -> int:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                     help="compute and parameter dtype (default: float32 on CPU, bfloat16 on TPU/GPU)")
     ap.add_argument("--attention-impl", default="auto", help="attention backend of scoring (auto: by platform)")
+    ap.add_argument("--mesh", default="1,1,-1", metavar="DATA,FSDP,TENSOR", help="this host's devices: weights "
+                    "sharded as in training, the KV cache's kv heads over tensor, slots over data (hosts: --shard)")
     ap.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none",
                     help="weight-only quantisation of every linear layer and the embedding (int8: about half the "
                          "bytes of bf16)")
@@ -367,7 +369,10 @@ def _infer(ap, args) -> int:
     try:
         if any(not isinstance(r, _BadLine) for _, r in todo):
             try:
+                from mufun_jax.sharding import mesh_from_flag
+
                 model = MuFun.from_pretrained(args.model, dtype=args.dtype, attention_impl=args.attention_impl,
+                                              mesh=mesh_from_flag(args.mesh),
                                               quantize=None if args.quantize == "none" else args.quantize,
                                               adapter=args.adapter, batch_size=args.batch_size,
                                               max_new_tokens=args.max_new_tokens, prefill_batch=prefill_batch,

@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from mufun_jax.compile_cache import enable_compile_cache
 from mufun_jax import generate as dev
@@ -52,6 +53,19 @@ from mufun_jax.sampling import SamplingParams
 from mufun_jax.engine_inputs import EngineInputs, _Job, _stops
 
 DEFAULT_EOS_TOKEN_ID = (IM_END_ID, ENDOFTEXT_ID)  # `<|im_end|>` ends an instruct answer, `<|endoftext|>` a base one
+def kv_cache_spec(cfg, mesh, slots: int) -> PartitionSpec:
+    """The KV cache's layout on ``mesh`` ((layers, slots, kv_heads, positions, head_dim)): kv heads
+    over ``tensor`` as the attention weights are split, slots over ``data``. Raises ValueError when
+    the mesh does not divide them."""
+    q, t, d = cfg.qwen3, mesh.shape["tensor"], mesh.shape["data"]
+    if q.num_key_value_heads % t or q.num_attention_heads % t:
+        raise ValueError(f"the mesh's tensor={t} must divide the model's {q.num_key_value_heads} kv heads and "
+                         f"{q.num_attention_heads} attention heads")
+    if slots % d:
+        raise ValueError(f"the mesh's data={d} must divide the {slots} decode slots (batch_size)")
+    return PartitionSpec(None, "data" if d > 1 else None, "tensor" if t > 1 else None, None, None)
+
+
 class Generator(EngineInputs):
     """Continuous-batching generation and batched scoring for a :class:`~mufun_jax.models.MuFun`
     (see the module docstring).
@@ -76,7 +90,7 @@ class Generator(EngineInputs):
                  eos_token_id: int | Sequence[int] | None = DEFAULT_EOS_TOKEN_ID, pad_token_id: int | None = None,
                  prefill_chunk: int | None = None, audio_cache_bytes: int = 256 << 20,
                  prefix_cache_bytes: int = 1 << 30, profile: bool = False, max_batch_chunks: int | None = None,
-                 span_step: int | None = None):
+                 span_step: int | None = None, mesh=None):
         if max_new_tokens < 1 or batch_size < 1 or decode_steps < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}, batch_size={batch_size} and decode_steps="
                              f"{decode_steps} must be >= 1")
@@ -122,6 +136,11 @@ class Generator(EngineInputs):
         self.timings: collections.Counter = collections.Counter()
         self.graphdef = nnx.graphdef(model)
         self._cache = None
+        # a (data, fsdp, tensor) mesh of more than one device: the model's weights are sharded on it
+        # (from_pretrained(mesh=...)); the KV cache is created sharded, kv heads over tensor and slots
+        # over data, and every program keeps it so
+        self.mesh = mesh if mesh is not None and mesh.size > 1 else None
+        self.cache_spec = kv_cache_spec(self.cfg, self.mesh, self.batch_size) if self.mesh is not None else None
         self._cancelled: set[int] = set()
         self.active = 0  # requests in slots or waiting, while stream runs: a server's feed reads it
         merge = lambda state: nnx.merge(self.graphdef, state)
@@ -130,16 +149,26 @@ class Generator(EngineInputs):
             @functools.wraps(fn)  # keeps fn's signature, which jit reads for static_argnames
             def wrapper(*args, **kw):
                 self.compiles[name] += 1  # runs only while tracing
-                return fn(*args, **kw)
+                if self.mesh is None:
+                    return fn(*args, **kw)
+                # traced under the (abstract) mesh, so the model's activation constraints see it
+                with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):
+                    return fn(*args, **kw)
             return wrapper
+
+        def prefill(st, cache, *a):
+            tok, lp, cache = dev.prefill_slots(merge(st), cache, *a, chunk=self.prefill_chunk)
+            return tok, lp, self._keep(cache)
+
+        def decode(st, cache, *a, span):
+            out = dev.decode_chunk(merge(st), cache, *a, self.decode_steps, span)
+            return (self._keep(out[0]),) + out[1:]
 
         self._encode = jax.jit(counted("encode", lambda st, x: merge(st).encode_audio(x)))
         self._prefix = jax.jit(counted("prefix", lambda st, ids, slots, emb: dev.prefix_kv(
             merge(st), ids, slots, emb, self.prefill_chunk)))
-        self._prefill = jax.jit(counted("prefill", lambda st, cache, *a: dev.prefill_slots(
-            merge(st), cache, *a, chunk=self.prefill_chunk)), donate_argnums=1)
-        self._decode = jax.jit(counted("decode", lambda st, cache, *a, span: dev.decode_chunk(
-            merge(st), cache, *a, self.decode_steps, span)), donate_argnums=1, static_argnames="span")
+        self._prefill = jax.jit(counted("prefill", prefill), donate_argnums=1)
+        self._decode = jax.jit(counted("decode", decode), donate_argnums=1, static_argnames="span")
         self._score = jax.jit(counted("score", lambda st, *a: dev.score_positions(merge(st), *a)))
 
     @property
@@ -206,9 +235,20 @@ class Generator(EngineInputs):
             self.stats["prefilled"] += len(group)
         return done
 
+    def _keep(self, cache: KVCache) -> KVCache:
+        """The cache as the engine holds it: sharded by ``cache_spec`` (inside jit)."""
+        if self.cache_spec is None:
+            return cache
+        return KVCache(*(jax.lax.with_sharding_constraint(x, self.cache_spec) for x in cache))
+
     def _new_cache(self):
-        if self._cache is None:
+        if self._cache is not None:
+            return
+        if self.mesh is None:
             self._cache = self.model.init_cache(self.batch_size, self.max_len)
+        else:  # created in place, shard by shard: no full cache on any device
+            init = lambda: self.model.init_cache(self.batch_size, self.max_len)
+            self._cache = jax.jit(init, out_shardings=NamedSharding(self.mesh, self.cache_spec))()
 
     # -- generation ----------------------------------------------------------------------------
 

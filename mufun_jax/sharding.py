@@ -93,3 +93,19 @@ def param_shardings(tree, mesh: Mesh, rules=DEFAULT_RULES):
         return NamedSharding(mesh, logical_to_spec(axes, rules, v.shape, mesh))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def mesh_from_flag(text: str, devices: Sequence | None = None) -> Mesh:
+    """The ``--mesh DATA,FSDP,TENSOR`` flag of infer.py and mufun-serve (one size may be -1: the
+    remaining devices) over this host's devices; e.g. ``1,1,-1`` is tensor parallel over all, and
+    ``1,1,2`` on a 4-device host uses the first two."""
+    try:
+        sizes = [int(x) for x in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"--mesh {text!r} must be three sizes DATA,FSDP,TENSOR (one may be -1), e.g. 1,1,-1")
+    devices = list(jax.local_devices() if devices is None else devices)
+    if -1 not in sizes and math.prod(sizes) < len(devices):
+        devices = devices[:math.prod(sizes)]  # an explicit smaller mesh uses the first devices
+    return make_mesh(*sizes, devices=devices)

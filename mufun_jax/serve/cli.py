@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog="example: mufun-serve converted/mufun-instruct --port 8000 --api-key $KEY")
     ap.add_argument("model", metavar="MODEL", help="a converted model directory or a PyTorch MuFun directory")
     ap.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory, merged at load")
+    ap.add_argument("--mesh", default="1,1,-1", metavar="DATA,FSDP,TENSOR",
+                    help="this host's devices: weights sharded as in training, the KV cache over tensor and data")
     ap.add_argument("--quantize", choices=("none", "int8", "nf4"), default="none", help="weight-only quantisation")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                     help="compute dtype (default: float32 on CPU, bfloat16 on TPU/GPU)")
@@ -61,6 +63,7 @@ def _serve(ap, args) -> int:
 
     from mufun_jax.api import MuFun
     from mufun_jax.serve import AudioPolicy, ServeSettings, create_app
+    from mufun_jax.sharding import mesh_from_flag
 
     bad = [f"{flag} {v} must be {why}" for flag, v, ok, why in (
         ("--port", args.port, 0 <= args.port < 65536, "a port number"),
@@ -77,11 +80,15 @@ def _serve(ap, args) -> int:
     key = args.api_key or os.environ.get("MUFUN_API_KEY") or None
     if key is None and not _loopback(args.host):
         bad.append(f"--host {args.host} serves beyond this machine: give --api-key (or MUFUN_API_KEY)")
+    try:
+        mesh = mesh_from_flag(args.mesh)
+    except ValueError as e:
+        bad.append(str(e))
     if bad:
         ap.error("; ".join(bad))
     setup_logging()
     log = logging.getLogger("mufun_jax.serve")
-    mufun = MuFun.from_pretrained(args.model, dtype=args.dtype, adapter=args.adapter,
+    mufun = MuFun.from_pretrained(args.model, dtype=args.dtype, adapter=args.adapter, mesh=mesh,
                                   quantize=None if args.quantize == "none" else args.quantize,
                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                   decode_steps=args.decode_steps)
