@@ -280,7 +280,13 @@ def _infer(ap, args) -> int:
             ap.error("--compile-only and --topology go together")
         from mufun_jax.aot.drivers import infer_compile_only
 
-        return infer_compile_only(args.topology, batch=args.batch_size, context=args.context,
+        try:
+            mesh_shape = [int(x) for x in args.mesh.split(",")]
+        except ValueError:
+            mesh_shape = []
+        if len(mesh_shape) != 3:
+            ap.error(f"--mesh {args.mesh!r} must be three sizes DATA,FSDP,TENSOR (one may be -1)")
+        return infer_compile_only(args.topology, batch=args.batch_size, context=args.context, mesh_shape=mesh_shape,
                                   new_tokens=args.max_new_tokens, model=args.model, num_slices=args.num_slices,
                                   prefill_chunk=args.prefill_chunk, prefill_batch=prefill_batch,
                                   quantize=None if args.quantize == "none" else args.quantize)

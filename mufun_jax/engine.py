@@ -90,13 +90,14 @@ class Generator(EngineInputs):
                  eos_token_id: int | Sequence[int] | None = DEFAULT_EOS_TOKEN_ID, pad_token_id: int | None = None,
                  prefill_chunk: int | None = None, audio_cache_bytes: int = 256 << 20,
                  prefix_cache_bytes: int = 1 << 30, profile: bool = False, max_batch_chunks: int | None = None,
-                 span_step: int | None = None, mesh=None):
+                 span_step: int | None = None, mesh=None, compile_cache: bool = True):
         if max_new_tokens < 1 or batch_size < 1 or decode_steps < 1:
             raise ValueError(f"max_new_tokens={max_new_tokens}, batch_size={batch_size} and decode_steps="
                              f"{decode_steps} must be >= 1")
         if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
             raise ValueError(f"buckets={list(buckets)} must be strictly increasing positive lengths")
-        enable_compile_cache()  # the engine's programs are the same every run (mufun_jax/compile_cache.py)
+        if compile_cache:  # the engine's programs are the same every run (mufun_jax/compile_cache.py)
+            enable_compile_cache()
         self.model, self.cfg = model, model.cfg
         self.max_new_tokens, self.batch_size = int(max_new_tokens), int(batch_size)
         self.buckets = tuple(int(b) for b in buckets)

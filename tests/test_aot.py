@@ -310,15 +310,42 @@ def test_infer_cli_compiles_prefill_and_decode(tmp_path, capsys):
     (model / "mufun_config.json").write_text(json.dumps(preset("mufun-tiny").to_dict()))
     with jax.default_matmul_precision("default"):
         code = infer_main([str(model), "--compile_only", "--topology", "v5e-4", "--batch-size", "4",
-                           "--prefill-batch", "2", "--context", "640", "--max-new-tokens", "64"])
+                           "--prefill-batch", "2", "--context", "640", "--max-new-tokens", "64", "--mesh", "2,1,2"])
     out = capsys.readouterr()
     assert code == 0, out.err
-    assert "prefill" in out.out and "decode" in out.out and "v5e-4" in out.out
+    assert "prefill" in out.out and "decode" in out.out and "v5e-4" in out.out and "encode" in out.out
     assert "admission batch 2 " in out.out  # the run's admission batch is the one compiled
     assert infer_main(["--compile_only", "--topology", "v9-8"]) == 2
     assert "unknown TPU topology" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # requests are needed without --compile_only
         infer_main([str(model)])
+
+
+def test_compile_only_compiles_the_engines_own_functions(monkeypatch):
+    """infer.py --compile-only lowers the jitted functions of a real engine (not a parallel
+    composition), with the run's cache sharding; aot/drivers composes no inference program itself."""
+    import inspect
+
+    from mufun_jax.aot import drivers
+    from mufun_jax.engine import Generator
+
+    seen = []
+    monkeypatch.setattr(drivers, "compile_step", lambda r, jitted, args, mesh: seen.append((r.step, jitted, args)))
+    keep = {}
+    results = drivers.compile_infer("v5e-4", batch=4, context=640, new_tokens=64, prefill_batch=2,
+                                    mesh_shape=(2, 1, 2), model_cfg=preset("mufun-tiny"), keep=keep)
+    gen = keep["generator"]
+    assert isinstance(gen, Generator) and gen.batch_size == 4 and gen.prefill_batch == 2
+    programs = {"encode": gen._encode, "prefix": gen._prefix, "prefill": gen._prefill, "decode": gen._decode}
+    assert [s for s, _, _ in seen] == list(programs)
+    for (step, jitted, args), r in zip(seen, results):
+        assert r.program is programs[step]
+        assert getattr(jitted, "jitted", jitted) is programs[step]
+    cache = seen[3][2][1]  # decode's (state, cache, ...): sharded as the engine creates it
+    assert cache.k.shape == (3, 4, 2, 704, 16) and tuple(cache.k.sharding.spec) == tuple(gen.cache_spec)
+    src = inspect.getsource(drivers)
+    for composed in ("prefix_kv(", "prefill_slots(", "decode_chunk(", "encode_audio("):
+        assert composed not in src, composed
 
 
 WIRING = textwrap.dedent(r"""

@@ -1,9 +1,9 @@
-"""Ahead-of-time compiles of MuFun's train, prefill and decode steps for a TPU topology.
+"""Ahead-of-time compiles of MuFun's train step and inference engine for a TPU topology.
 
-Everything is abstract (``ShapeDtypeStruct``s with shardings), so nothing is allocated. The
-train step is the real ``Trainer.train_step``; the inference steps are built from the
-generator's public functions (:func:`mufun_jax.generate.prefill` and ``decode_step``). The
-compiled executables tell, per chip:
+Everything is abstract (``ShapeDtypeStruct``s with shardings), so nothing is allocated. What is
+compiled is what a run executes: the train step is the real ``Trainer.train_step``, and the
+inference programs are the jitted functions of a real :class:`mufun_jax.engine.Generator` (built on
+the abstract model), with the shapes of a run. The compiled executables tell, per chip:
 
 - memory (``compiled.memory_analysis()``): arguments (state + batch), outputs, aliased bytes (the
   donated state), temporaries; peak = arguments + outputs - aliased + temporaries + code;
@@ -60,6 +60,7 @@ class AotResult:
     lower_s: float = 0.0
     compile_s: float = 0.0
     detail: str = ""  # configuration summary, or the compiler's out-of-memory message
+    program: object = dataclasses.field(default=None, repr=False, compare=False)  # the jitted callable compiled
     notes: list = dataclasses.field(default_factory=list)
 
     @property
@@ -225,28 +226,33 @@ def _kernel_attention_flops(model_cfg, trainable, remat_policy: str, chunks: int
 def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tokens: int = 512,
                   chunks_per_row: int | None = None, mesh_shape: Sequence[int] = (1, 1, -1), num_slices: int = 1,
                   model_cfg=None, prefill_chunk: int | None = None, prefill_batch: int = 4,
-                  suffix_len: int = 64, decode_steps: int = 16, quantize: str | None = None) -> list[AotResult]:
-    """AOT-compile the continuous-batching engine's three programs (:mod:`mufun_jax.engine`) for
-    ``batch`` decode slots over a KV cache of ``context + new_tokens`` positions, bf16 weights and
-    cache, on a (data, fsdp, tensor) mesh (default: tensor parallel over every chip of a slice):
+                  suffix_len: int = 64, decode_steps: int = 16, quantize: str | None = None,
+                  keep: dict | None = None) -> list[AotResult]:
+    """AOT-compile the engine's own programs: the jitted functions of a
+    :class:`mufun_jax.engine.Generator` built on the abstract model, the same Python functions a run
+    calls, with a run's largest shapes. ``batch`` decode slots over a KV cache of ``context +
+    new_tokens`` positions, bf16 weights (or ``quantize``: int8 | nf4) and cache, on a (data, fsdp,
+    tensor) mesh (default: tensor parallel over every chip of a slice), the cache sharded as the
+    engine creates it:
 
-    - ``prefix``: the keys/values of ``prefill_batch`` prompt prefixes of ``context`` tokens, with
-      ``chunks_per_row`` 30 s audio chunks each (default half the context), audio encoded inside;
-    - ``prefill``: ``prefill_batch`` such prefixes placed into slots, ``suffix_len`` question tokens
-      prefilled on top, the first token chosen (the big cache donated);
-    - ``decode``: every slot advanced up to ``decode_steps`` tokens (the big cache donated).
+    - ``encode``: the audio of one admission, ``prefill_batch`` x ``chunks_per_row`` 30 s chunks
+      (default: half the context's tokens), through Whisper and the connector;
+    - ``prefix``: the keys/values of ``prefill_batch`` prompt prefixes of ``context`` tokens;
+    - ``prefill``: those prefixes placed into slots, ``suffix_len`` question tokens prefilled on
+      top, the first token chosen (the big cache donated);
+    - ``decode``: every slot advanced up to ``decode_steps`` tokens at the widest span (the cache
+      donated).
 
-    ``quantize`` (int8 | nf4) compiles the weight-only quantised model instead of bf16 weights."""
+    ``keep`` (a dict) receives the generator as ``keep["generator"]``."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding
+    from jax.sharding import NamedSharding, PartitionSpec
 
-    from mufun_jax import audio, generate
+    from mufun_jax import audio
     from mufun_jax.checkpoint import abstract_model, abstract_params
     from mufun_jax.config import RunSettings, preset
+    from mufun_jax.engine import Generator
     from mufun_jax.models.qwen3 import KVCache
-    from mufun_jax.sharding import logical_to_spec
 
     topo = topology if isinstance(topology, Topology) else get_topology(topology, num_slices)
     model_cfg = model_cfg or preset("mufun-8b")
@@ -256,52 +262,45 @@ def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tok
     if chunks_per_row * tpc > context:
         raise ValueError(f"{chunks_per_row} chunks x {tpc} tokens do not fit a context of {context}")
     p = prefill_batch
-    max_len = context + new_tokens
     abstract = abstract_model(model_cfg, RunSettings(dtype="bfloat16", param_dtype="bfloat16", quantize=quantize))
-    graphdef = nnx.graphdef(abstract)
-    merge = lambda st: nnx.merge(graphdef, st)
     with _quiet_logging():
         state = abstract_params(abstract, mesh)
-
-    def sharded(shape, dtype, axes):
-        spec = logical_to_spec(axes, shape=shape, mesh=mesh)
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-
+    n_chunks = max(p * chunks_per_row, 1)
+    gen = Generator(abstract, max_new_tokens=new_tokens, batch_size=batch, buckets=(context,), prefill_batch=p,
+                    prefill_chunk=prefill_chunk, decode_steps=decode_steps, max_chunks=max(chunks_per_row, 1),
+                    chunk_buckets=(n_chunks,), mesh=mesh, compile_cache=False)
+    if keep is not None:
+        keep["generator"] = gen
+    on = lambda spec: NamedSharding(mesh, spec)
+    rep = lambda shape, dt=jnp.int32: jax.ShapeDtypeStruct(shape, dt, sharding=on(PartitionSpec()))
+    cache_sh = on(gen.cache_spec if gen.cache_spec is not None else PartitionSpec())
     q = model_cfg.qwen3
-    with _quiet_logging():
-        rows = lambda shape, dt=jnp.int32: sharded(shape, dt, ("batch",) + (None,) * (len(shape) - 1))
-        kv = lambda n, length: sharded((q.num_hidden_layers, n, q.num_key_value_heads, length, q.head_dim),
-                                       jnp.bfloat16, ("layers", "batch", "kv_heads", None, "head_dim"))
-        big, pre = kv(batch, max_len), kv(p, context)
-        waves = rows((p * chunks_per_row, audio.CHUNK_SAMPLES), jnp.float32) if chunks_per_row else None
-    cache, prefix = KVCache(big, big), KVCache(pre, pre)
-
-    def prefix_fn(st, ids, slots, w):
-        m = merge(st)
-        return generate.prefix_kv(m, ids, slots, None if w is None else m.encode_audio(w), prefill_chunk)
-
-    def prefill_fn(st, cache, *a):
-        return generate.prefill_slots(merge(st), cache, *a)
-
-    def decode_fn(st, cache, *a):
-        return generate.decode_chunk(merge(st), cache, *a, decode_steps)
-
-    i32 = jnp.int32
-    per = lambda n, dt: rows((n,), dt)
-    # per-row sampling settings, shaped as the engine's (SamplingParams.rows)
-    sampling = lambda n: jax.tree.map(lambda x: rows(x.shape, x.dtype), SamplingParams.rows([SamplingParams()] * n))
+    kv = lambda n, length, sh: jax.ShapeDtypeStruct((q.num_hidden_layers, n, q.num_key_value_heads, length,
+                                                      q.head_dim), jnp.bfloat16, sharding=sh)
+    big = kv(batch, gen.max_len, cache_sh)
+    kv_heads = PartitionSpec(None, None, "tensor" if gen.mesh is not None else None)
+    waves = rep((n_chunks, audio.CHUNK_SAMPLES), jnp.float32)
+    emb = jax.eval_shape(gen._encode, state, waves)
+    emb = rep(emb.shape, emb.dtype)
+    rows = lambda n: jax.tree.map(lambda x: rep(x.shape, x.dtype), SamplingParams.rows([SamplingParams()] * n))
     steps = [
-        ("prefix", jax.jit(prefix_fn), (state, rows((p, context)), rows((p, context)), waves)),
-        ("prefill", jax.jit(prefill_fn, donate_argnums=1),
-         (state, cache, per(p, i32), prefix, per(p, i32), rows((p, suffix_len)), per(p, i32), sampling(p))),
-        ("decode", jax.jit(decode_fn, donate_argnums=1),
-         (state, cache, per(batch, i32), per(batch, i32), per(batch, jnp.bool_), per(batch, i32), per(batch, i32),
-          sampling(batch))),
+        ("encode", gen._encode, (state, waves), {}),
+        ("prefix", gen._prefix, (state, rep((p, context)), rep((p, context)), emb), {}),
+        ("prefill", gen._prefill, (state, KVCache(big, big), rep((p,)), KVCache(kv(p, context, on(kv_heads)),
+                                                                               kv(p, context, on(kv_heads))),
+                                   rep((p,)), rep((p, suffix_len)), rep((p,)), rows(p)), {}),
+        ("decode", gen._decode, (state, KVCache(big, big), rep((batch,)), rep((batch,)), rep((batch,), jnp.bool_),
+                                 rep((batch,)), rep((batch,)), rows(batch)), {"span": gen.max_len}),
     ]
     out = []
-    for step, jitted, args in steps:
+    for step, jitted, args, kw in steps:
         r = AotResult(step, topo.name, topo.num_slices, topo.chips, dict(mesh.shape), topo.hbm_bytes, False)
-        if step == "prefix":
+        r.program = jitted
+        if step == "encode":
+            r.tokens = n_chunks * tpc
+            f = flops.forward_flops(model_cfg, n_chunks, [])
+            r.model_flops = f["enc_w"] + f["enc_a"] + f["conn_w"]
+        elif step == "prefix":
             r.tokens = p * context
             r.model_flops = flops.prefill_flops(model_cfg, p * chunks_per_row, [context] * p)
         elif step == "prefill":
@@ -309,14 +308,24 @@ def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tok
             r.model_flops = sum(flops.forward_flops(model_cfg, 0, [suffix_len] * p, head_positions=p).values())
         else:
             r.tokens = batch * decode_steps
-            r.model_flops = decode_steps * flops.decode_flops(model_cfg, batch, max_len)
-        r.detail = (f"{batch} slots x {max_len} cache positions (context {context} + {new_tokens} new), "
-                    f"{quantize or 'bf16'} weights, bf16 cache; admission batch {p} (prefix {context} tokens with {chunks_per_row} audio chunks, "
-                    f"suffix {suffix_len}), {decode_steps} decode steps per call"
+            r.model_flops = decode_steps * flops.decode_flops(model_cfg, batch, gen.max_len)
+        r.detail = (f"{batch} slots x {gen.max_len} cache positions (context {context} + {new_tokens} new), "
+                    f"{quantize or 'bf16'} weights, bf16 cache; admission batch {p} (prefix {context} tokens with "
+                    f"{chunks_per_row} audio chunks, suffix {suffix_len}), {decode_steps} decode steps per call"
                     + (f", prefill_chunk {prefill_chunk}" if prefill_chunk else ""))
-        compile_step(r, jitted, args, mesh)
+        compile_step(r, _lower_with(jitted, kw) if kw else jitted, args, mesh)
         out.append(r)
     return out
+
+
+class _lower_with:
+    """``jitted.lower(*args, **kw)`` behind the one-argument-list ``lower`` compile_step calls."""
+
+    def __init__(self, jitted, kw):
+        self.jitted, self.kw = jitted, kw
+
+    def lower(self, *args):
+        return self.jitted.lower(*args, **self.kw)
 
 
 @contextlib.contextmanager
