@@ -3,7 +3,7 @@
 
 import sys
 
-from mufun_jax.cli import infer_entry
+from mufun_jax.infer_cli import infer_entry
 
 if __name__ == "__main__":
     infer_entry()

@@ -303,7 +303,7 @@ def test_infer_cli_compiles_prefill_and_decode(tmp_path, capsys):
     """``infer.py --compile_only``: the config comes from the model directory; no requests needed."""
     import json
 
-    from mufun_jax.cli import infer_main
+    from mufun_jax.infer_cli import infer_main
 
     model = tmp_path / "model"
     (model / "params").mkdir(parents=True)

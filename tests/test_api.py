@@ -238,7 +238,7 @@ def _jsonl(path):
 def test_infer_cli_end_to_end(setup, tmp_path, capsys):
     """infer.py's main in this process (its exit status is the return value): answers, error records
     for the bad requests, exit status 1 and the summary on stderr."""
-    from mufun_jax.cli import infer_main
+    from mufun_jax.infer_cli import infer_main
 
     d, cfg, ref, tok, api = setup
     conv = lambda q: [{"from": "human", "value": q}, {"from": "gpt", "value": "an answer"}]
@@ -269,7 +269,7 @@ def test_infer_cli_end_to_end(setup, tmp_path, capsys):
 
 
 def test_infer_cli_score_mode_and_usage_errors(setup, tmp_path, capsys):
-    from mufun_jax.cli import infer_main
+    from mufun_jax.infer_cli import infer_main
 
     d, cfg, ref, tok, api = setup
     cands = ["jazz", "rock piano", "slow"]
@@ -322,7 +322,7 @@ def _infer(args, **kw):
 def _stream_requests(d, tmp_path):
     """Twelve requests over three audios, the shared infer.py arguments, and an uninterrupted run's
     results by id (infer.py's main in this process)."""
-    from mufun_jax.cli import infer_main
+    from mufun_jax.infer_cli import infer_main
 
     audios = ["a.wav", "b.npy", "long.wav"]
     reqs = [{"id": f"q{i}", "prompt": p, "audio": audios[i % 3]} for i, p in enumerate(
@@ -371,7 +371,7 @@ def test_infer_cli_streams_and_resumes_after_sigkill(setup, tmp_path):
 def test_infer_cli_shards_merge_to_an_uninterrupted_run(setup, tmp_path):
     """--shard I/N splits the work into disjoint files that merge to an uninterrupted run's results
     (infer.py's main in this process: no process boundary is tested here)."""
-    from mufun_jax.cli import infer_main
+    from mufun_jax.infer_cli import infer_main
     from mufun_jax.outputs import merge_shards
 
     d, cfg, ref, tok, api = setup

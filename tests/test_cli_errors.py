@@ -1,7 +1,7 @@
 """Bad input to ``infer.py``, one table row per case: the command, the exit status, a fragment of
 the message, and the files that must come out byte for byte unchanged (by sha256).
 
-Every row calls :func:`mufun_jax.cli.infer_main` in-process on one tiny model directory (random
+Every row calls :func:`mufun_jax.infer_cli.infer_main` in-process on one tiny model directory (random
 weights, the LM head scaled so that greedy answers differ between songs and questions). The rows
 cover what used to go wrong (a crash at the default flags, resume emptying a file that is not
 ours or cutting a file at a bad middle line, error records never retried, a damaged model
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mufun_jax.cli import infer_main
+from mufun_jax.infer_cli import infer_main
 
 SR = 16000
 WORDS = "genre jazz rock piano guitar drums tempo fast slow bright dark happy sad loud quiet song clip note".split()

@@ -74,7 +74,7 @@ SCRIPT = textwrap.dedent(r"""
     from pathlib import Path
     import soundfile as sf
     from helpers import tiny_model_dir
-    from mufun_jax.cli import infer_main
+    from mufun_jax.infer_cli import infer_main
 
     d = Path(tempfile.mkdtemp())
     model_dir = tiny_model_dir(d, ["jazz rock piano guitar drums tempo fast slow"] * 50)

@@ -26,12 +26,12 @@ import pytest
 import yaml
 
 from helpers import SMALL_MODEL, small_cfg, tiny_train_data
-from mufun_jax import cli
+from mufun_jax import cli, infer_cli
 from mufun_jax.data.__main__ import main as data_main
 
 ROOT = Path(__file__).resolve().parents[1]
 MAINS = {"train": cli.train_main, "data": data_main, "convert": cli.convert_main, "plot": cli.plot_main,
-         "infer": cli.infer_main}
+         "infer": infer_cli.infer_main}
 
 
 @pytest.fixture(scope="module")
