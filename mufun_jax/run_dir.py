@@ -18,7 +18,8 @@ import json
 import logging
 from pathlib import Path
 
-from mufun_jax.config import MODULES, LoraConfig, MuFunConfig
+from mufun_jax.config import MuFunConfig
+from mufun_jax.run_settings import MODULES, LoraConfig
 from mufun_jax.torch_files import CheckpointError
 from mufun_jax.train_config import TrainConfig
 
