@@ -90,7 +90,7 @@ class TorchBinFile:
     """A ``pytorch_model.bin`` read with ``weights_only=True`` (no pickle code runs) and mmap."""
 
     def __init__(self, path: str | Path):
-        import torch
+        import torch  # optional: only pytorch_model.bin files need it
 
         self.path = Path(path)
         try:
@@ -113,7 +113,7 @@ class TorchBinFile:
         return self._sd[key].element_size()
 
     def read(self, key: str) -> np.ndarray:
-        import torch
+        import torch  # as in __init__
 
         t = self._sd[key]
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):

@@ -257,6 +257,7 @@ def _splash_kernel(num_heads: int, q_len: int, kv_len: int, block_q: int, block_
 
 
 def _splash_attention(q, k, v, segment_ids, causal, interpret):
+    # as in _splash_kernel
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     if not interpret and target_platform() != "tpu":
