@@ -1,10 +1,11 @@
 # `make test` works from a fresh clone with only python3: it builds .venv, installs .[test], runs the
-# quick tier of pytest (every module, minus the tests marked slow); `make test-all` runs everything.
+# quick tier of pytest (every module, minus the tests marked slow); `make test-all` runs everything
+# and builds the docs site (mkdocs.yml) with --strict, so a broken link between pages fails it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-all install clean demo demo-lora bench bench-tpu
+.PHONY: test test-all install clean demo demo-lora bench bench-tpu docs
 
 # The repository goes first on PYTHONPATH, so a clone tests its own code even where .venv's editable
 # install points at another checkout. Both tiers print their 15 slowest tests.
@@ -15,6 +16,14 @@ test: $(VENV)/.installed
 
 test-all: $(VENV)/.installed
 	$(PYTEST)
+	$(MKDOCS)
+
+# The docs site (mkdocs-material, in the test and docs extras) -> build/site. Not --quiet: in mkdocs 1.6
+# --quiet also hides the warnings that --strict counts, so a broken link would pass.
+MKDOCS = NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir $(CURDIR)/build/site
+
+docs: $(VENV)/.installed
+	$(MKDOCS)
 
 install: $(VENV)/.installed
 
@@ -42,8 +51,10 @@ demo-lora: $(VENV)/.installed
 
 # JAX vs the PyTorch reference, side by side on this machine: bench/results.{json,md} (README links
 # them). Run it on a quiet machine: about 30 minutes a round (three rounds) on 2 CPU cores. Not part of `make test`.
+# bench/ scripts import mufun_jax from this checkout (PYTHONPATH, as for the tests) and their own
+# bench/workloads package (Python puts the script's folder first on the path); none edits sys.path.
 bench: $(VENV)/.installed
-	$(PY) bench/compare.py --repeats 3 --out bench
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(PY) bench/compare.py --repeats 3 --out bench
 
 # Our train step and MaxText's Qwen3-8B, compiled ahead of time for v5p-128 and v6e-64 on this CPU
 # host and compared per chip (bench/tpu_vs_maxtext.py -> bench/tpu_vs_maxtext.{json,md}; docs/tpu.md).
@@ -62,7 +73,7 @@ $(TPU_VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 bench-tpu: $(TPU_VENV)/.installed
-	JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python bench/tpu_vs_maxtext.py --out bench
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python bench/tpu_vs_maxtext.py --out bench
 
 clean:
 	rm -rf $(VENV) $(TPU_VENV) build *.egg-info .pytest_cache

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 FULL, WARMUP = "configs/mufun8b_full.yaml", "configs/mufun8b_warmup.yaml"
 

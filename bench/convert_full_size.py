@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from mufun_jax.config import preset  # noqa: E402
-from mufun_jax.convert import COMBINED_PREFIX, COMPONENTS, FLAX_ROOT, rules  # noqa: E402
-from mufun_jax.torch_files import write_safetensors_shards  # noqa: E402
-from mufun_jax.weights import expected_shapes, torch_shape  # noqa: E402
+from mufun_jax.config import preset
+from mufun_jax.convert import COMBINED_PREFIX, COMPONENTS, FLAX_ROOT, rules
+from mufun_jax.torch_files import write_safetensors_shards
+from mufun_jax.weights import expected_shapes, torch_shape
 
 
 def write_synthetic(folder: Path, seed: int = 0) -> int:

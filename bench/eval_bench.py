@@ -31,10 +31,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 QUESTIONS = ["What is the genre of this music?", "Which instrument plays the melody?", "What is the tempo?",
              "What mood does this clip convey?"]

@@ -4,7 +4,7 @@
 The model is ``mufun-tiny`` (random weights, the vocabulary of a small offline tokenizer) with, by
 default, the 2-layer width-32 Whisper of tests/test_generate.py and tests/test_api.py
 (``--encoder tiny`` keeps the preset's 4-layer width-64 one); the same weights run in JAX and in the
-composed torch reference (tests/torch_reference.py). 16 requests with one audio each (3 s to 50 s,
+composed torch reference (mufun_jax/testing/torch_reference.py). 16 requests with one audio each (3 s to 50 s,
 so one or two 30 s chunks) and up to ``--max-new-tokens`` greedy tokens.
 
 On a CPU the tiny model's costs are not the real model's: encoding a 30 s chunk (self-attention
@@ -34,10 +34,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 N_REQUESTS = 16
 PROMPTS = ["What genre is this?", "Describe the rhythm.", "Which instruments play?", "Is the tempo fast or slow?"]
@@ -47,10 +45,9 @@ def build(workdir: Path, encoder: str = "small"):
     import soundfile as sf
     import torch
 
-    from helpers import jax_mufun_from_torch
     from mufun_jax.config import WhisperConfig, preset
     from mufun_jax.data.tokenizer import build_tokenizer
-    from torch_reference import TorchMuFun
+    from mufun_jax.testing.torch_reference import TorchMuFun, jax_mufun_from_torch
 
     rng = np.random.default_rng(0)
     words = "genre jazz rock piano guitar drums tempo fast slow bright dark happy sad loud quiet song".split()

@@ -12,10 +12,10 @@ A library of ``--songs`` synthetic songs of ``--min-s``..``--max-s`` seconds is 
   WhisperFeatureExtractor, template, splice, HF ``generate`` on the torch model), so each song is
   decoded and encoded 7 times; one warm-up chat first.
 
-The model is bench/compare.py's bench config (``full``: a 4-layer 384-wide Whisper, a 4-layer
-512-wide Qwen3 with a 32k vocabulary; random weights, the same in torch and JAX; ``tiny`` for a
-smoke run). Both sides do the whole job from the audio files. Reported: songs/hour, answers/s and
-how many greedy answers agree.
+The model is bench/compare.py's bench config (bench/workloads/settings.py; ``full``: a 4-layer
+384-wide Whisper, a 4-layer 512-wide Qwen3 with a 32k vocabulary; random weights, the same in
+torch and JAX; ``tiny`` for a smoke run). Both sides do the whole job from the audio files.
+Reported: songs/hour, answers/s and how many greedy answers agree.
 
 Usage: python bench/tag_bench.py [--songs 24] [--min-s 10] [--max-s 240] [--max-new-tokens 16]
        [--settings full|tiny] [--batch-size 8]
@@ -32,10 +32,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
 
-import numpy as np  # noqa: E402
+import numpy as np
 
 
 def main(argv=None) -> int:
@@ -53,7 +51,6 @@ def main(argv=None) -> int:
     import torch
     from flax import nnx
 
-    import compare
     import mufun_jax
     from inference import Reference
     from mufun_jax.convert import load_params, torch_to_flax
@@ -63,10 +60,12 @@ def main(argv=None) -> int:
     from mufun_jax.tag_answers import PRESETS
     from mufun_jax.tag_formats import read_table
     from mufun_jax.tagging import tag_library
+    from workloads.settings import build_reference, full_settings, model_config, run_settings, tiny_settings
+    from workloads.synthetic import synth_wave
 
     jax.config.update("jax_default_matmul_precision", "highest")
-    s = compare.full_settings() if args.settings == "full" else compare.tiny_settings()
-    cfg = compare.model_config(s)
+    s = full_settings() if args.settings == "full" else tiny_settings()
+    cfg = model_config(s)
     preset = PRESETS["tags"]
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,17 +74,17 @@ def main(argv=None) -> int:
         build_tokenizer([" ".join(rng.choice(words, 6)) for _ in range(200)] + list(preset.questions.values()),
                         wd / "tok", vocab_size=512)
         tok = dataset_tokenizer(wd / "tok")
-        ref = compare.build_reference(cfg, seed=3)
+        ref = build_reference(cfg, seed=3)
         with torch.no_grad():
             ref.language_model.lm_head.weight.mul_(4.0)  # decisive argmaxes, so both sides pick the same tokens
-        model = MuFun(cfg, compare.run_settings(s).replace(remat_policy="none"), rngs=nnx.Rngs(0))
+        model = MuFun(cfg, run_settings(s).replace(remat_policy="none"), rngs=nnx.Rngs(0))
         load_params(model, torch_to_flax(ref.combined_state_dict(), cfg))
         lib = wd / "lib"
         secs = []
         for i in range(args.songs):
             secs.append(float(rng.uniform(args.min_s, args.max_s)))
             (lib / f"album{i % 4}").mkdir(parents=True, exist_ok=True)
-            sf.write(lib / f"album{i % 4}" / f"song{i:02d}.wav", compare.synth_wave(rng, secs[-1]), 16000,
+            sf.write(lib / f"album{i % 4}" / f"song{i:02d}.wav", synth_wave(rng, secs[-1]), 16000,
                      subtype="FLOAT")
         limit = cfg.tokenizer_model_max_length
         engine = mufun_jax.MuFun(model, tok, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,

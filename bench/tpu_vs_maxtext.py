@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 SEQ = 4096
 # (side, topology, per-chip batch, remat policy); MaxText's policies and ours have different names

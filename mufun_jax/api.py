@@ -40,8 +40,9 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from mufun_jax.config import MuFunConfig, check_sampling
+from mufun_jax.config import MuFunConfig
 from mufun_jax.data.templates import AUDIO_TAG, get_template, tokenize_with_audio
+from mufun_jax.sampling import SamplingParams
 from mufun_jax.request import (RequestError, Result, _audio_keys, _Prepared, _segments,  # noqa: F401 - re-exported
                                load_request_audio, parse_request)
 
@@ -295,27 +296,24 @@ class MuFun:
                 pending = submit(nxt) if nxt < len(items) else None
                 yield current
 
-    def iter_results(self, requests: Iterable, *, score: bool = False, max_new_tokens: int | None = None,
-                     temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None, seed: int = 0,
-                     end_token: bool = False, audio_root=None, progress: bool = False,
-                     ordered: bool = True) -> Iterator[Result]:
+    def iter_results(self, requests: Iterable, *, score: bool = False, sampling: SamplingParams | None = None,
+                     seed: int = 0, end_token: bool = False, audio_root=None, progress: bool = False,
+                     ordered: bool = True, **sampling_kw) -> Iterator[Result]:
         """One :class:`Result` per request, never raising for a bad request: in input order, or with
         ``ordered=False`` as each completes (what a streaming writer wants). With ``score`` each
-        request needs ``candidates`` and gets their scores (see :meth:`score`)."""
+        request needs ``candidates`` and gets their scores (see :meth:`score`). ``sampling`` (and
+        ``sampling_kw``, its fields by name: ``temperature``, ``top_p``, ``max_new_tokens`` ...)
+        applies to every request; a request's own ``seed`` (default ``seed``) keys its sampling."""
         from tqdm.auto import tqdm
 
         items = list(requests)
-        top_p = 1.0 if top_p is None else float(top_p)
-        top_k = 0 if top_k is None else int(top_k)
-        check_sampling(temperature, top_p, top_k)
-        default_cap = self.generator.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
-        if default_cap < 1:
-            raise ValueError(f"max_new_tokens={default_cap} must be >= 1")
+        sampling = SamplingParams.from_kwargs(sampling, **sampling_kw)
+        default_cap = self.generator.max_new_tokens if sampling.max_tokens is None else int(sampling.max_tokens)
         root = self.audio_root if audio_root is None else audio_root
         with tqdm(total=len(items), desc="score" if score else "generate", unit="ans", disable=not progress,
                   dynamic_ncols=True) as bar:
             results = (self._score_results(items, seed, root, end_token) if score else
-                       self._generate_results(items, seed, root, default_cap, temperature, top_p, top_k))
+                       self._generate_results(items, seed, root, default_cap, sampling))
             self._tokens_done = 0
             if not ordered:
                 for _, r in results:
@@ -350,7 +348,7 @@ class MuFun:
                 except ValueError as e:  # the engine's own checks; none expected after _check
                     yield p.index, Result(p.id, error="bad_request", message=str(e))
 
-    def _generate_results(self, items, seed, root, default_cap, temperature, top_p, top_k):
+    def _generate_results(self, items, seed, root, default_cap, sampling: SamplingParams):
         """(input index, Result) as answers complete: the engine pulls requests lazily, so the next
         window's audio decodes on threads while it works; failed requests come out as found."""
         from mufun_jax.generate import Request
@@ -376,8 +374,7 @@ class MuFun:
                     yield Request(p.input_ids, p.audios, seed=p.seed, max_new_tokens=caps[p.index],
                                   audio_keys=p.audio_keys)
 
-        for i, o in gen.stream(feed(), max_new_tokens=max(caps + [1]), temperature=temperature, top_k=top_k,
-                               top_p=top_p):
+        for i, o in gen.stream(feed(), sampling, max_new_tokens=max(caps + [1])):
             while failed:
                 yield failed.popleft()
             p = order[i]
@@ -398,18 +395,17 @@ class MuFun:
 
     # -- public calls ------------------------------------------------------------------------------
 
-    def generate(self, requests: Iterable, *, max_new_tokens: int | None = None, temperature: float = 0.0,
-                 top_p: float | None = None, top_k: int | None = None, seed: int = 0, return_details: bool = False,
-                 audio_root=None, progress: bool = False) -> list:
+    def generate(self, requests: Iterable, *, sampling: SamplingParams | None = None, seed: int = 0,
+                 return_details: bool = False, audio_root=None, progress: bool = False, **sampling_kw) -> list:
         """Answer many requests in batches (see :func:`parse_request` for the request forms).
         Returns the answers in input order; a request that cannot be served raises
         :class:`RequestError`. With ``return_details`` it returns :class:`Result` objects instead
         (token ids, log-probs, finish reason) and failed requests carry ``error`` rather than raise.
         A request's ``seed`` (default ``seed``) drives its sampling, so it does not depend on the
-        batch it lands in; ``temperature == 0`` is greedy."""
-        results = list(self.iter_results(requests, max_new_tokens=max_new_tokens, temperature=temperature,
-                                         top_p=top_p, top_k=top_k, seed=seed, audio_root=audio_root,
-                                         progress=progress))
+        batch it lands in; ``temperature == 0`` is greedy. ``sampling`` and ``sampling_kw`` are as
+        in :meth:`iter_results`."""
+        results = list(self.iter_results(requests, sampling=sampling, seed=seed, audio_root=audio_root,
+                                         progress=progress, **sampling_kw))
         if return_details:
             return results
         for r in results:
@@ -417,13 +413,14 @@ class MuFun:
                 raise RequestError(r.error, f"request {r.id}: {r.message}")
         return [r.text for r in results]
 
-    def chat(self, prompt: str, audio_files=None, segs=None, max_new_tokens: int = 512, temperature: float = 0.0,
-             top_p: float | None = None, top_k: int | None = None, seed: int = 0) -> str:
+    def chat(self, prompt: str, audio_files=None, segs=None, max_new_tokens: int = 512, *, seed: int = 0,
+             **sampling_kw) -> str:
         """One answer, as the reference ``model.chat(prompt, audio_files, segs)``: ``audio_files`` is
         None, a path (or a 1-D 16 kHz array) or a list of them; ``segs`` is None, ``[start, end]``
-        seconds (one audio) or one ``[start, end]`` / None per audio. Greedy at ``temperature == 0``."""
+        seconds (one audio) or one ``[start, end]`` / None per audio. Greedy unless ``sampling_kw``
+        (``temperature``, ``top_p`` ...; see :class:`~mufun_jax.sampling.SamplingParams`) says otherwise."""
         r = self.generate([{"prompt": prompt, "audio": audio_files, "time": segs}], max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, return_details=True)[0]
+                          seed=seed, return_details=True, **sampling_kw)[0]
         if r.error is not None:
             raise RequestError(r.error, r.message)
         return r.text

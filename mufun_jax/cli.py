@@ -22,6 +22,9 @@ from mufun_jax.cli_base import (ArgumentParser, DefaultsHelpFormatter, add_commo
 from mufun_jax.compile_cache import enable_compile_cache
 from mufun_jax.errors import EXIT_PREEMPTED
 
+# infer.py's flags that are SamplingParams fields (by name; max_new_tokens is HF's name for max_tokens)
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "max_new_tokens")
+
 
 def train_main(argv=None) -> int:
     """Train or resume MuFun from a YAML config with ``key=value`` overrides."""
@@ -124,7 +127,8 @@ def infer_main(argv=None) -> int:
     ap.add_argument("model", nargs="?", metavar="MODEL", help="a converted directory (convert_weights.py import, or train.py's "
                                              "OUTPUT_DIR/model) or a PyTorch MuFun checkpoint directory")
     ap.add_argument("input", nargs="?", metavar="INPUT", help="requests, as a JSON list or JSONL")
-    ap.add_argument("--output", "-o", help="JSONL results, one line per request as it completes (resumable)")
+    ap.add_argument("--output", "-o", help="results, resumable: .jsonl (a line per request as it completes), .csv "
+                    "or .parquet (written whole at the end of the run)")
     ap.add_argument("--batch-size", type=int, default=8, help="decode slots: requests answered together")
     ap.add_argument("--prefill-batch", type=int, default=4, help="prompts prefilled together as slots free up "
                     "(at most --batch-size; default 4): bounds the prefill's memory, as in --compile-only")
@@ -132,8 +136,8 @@ def infer_main(argv=None) -> int:
                     "tokens (must divide the prompt buckets above it): bounds long prompts' memory")
     ap.add_argument("--max-new-tokens", type=int, default=512)
     ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-k", type=int, default=None)
-    ap.add_argument("--top-p", type=float, default=None)
+    ap.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens (0 = off)")
+    ap.add_argument("--top-p", type=float, default=None, help="nucleus sampling: keep this probability mass")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed of requests without their own 'seed'")
     ap.add_argument("--score", action="store_true", help="score each request's 'candidates' instead of generating; "
                                                          "the answer is the most likely candidate")
@@ -172,7 +176,7 @@ def _infer(ap, args) -> int:
     import json
     from pathlib import Path
 
-    from mufun_jax.outputs import ResultsFile, ResultsFileError, parse_shard, shard_path
+    from mufun_jax.outputs import ResultsFileError, open_results, parse_shard, shard_path
 
     if args.prefill_batch < 1 or (args.prefill_chunk is not None and args.prefill_chunk < 1):
         ap.error(f"--prefill-batch {args.prefill_batch} and --prefill-chunk {args.prefill_chunk} must be >= 1")
@@ -188,15 +192,14 @@ def _infer(ap, args) -> int:
                                   quantize=None if args.quantize == "none" else args.quantize)
     if args.input is None or args.output is None:
         ap.error("MODEL, INPUT and --output are required (except with --compile-only)")
-    from mufun_jax.config import check_sampling
-
     bad = [f"{name} {value} {why}" for name, value, cond, why in (
         ("--batch-size", args.batch_size, args.batch_size < 1, "must be >= 1"),
         ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens < 1, "must be >= 1"),
     ) if cond]
+    from mufun_jax.sampling import SamplingParams  # jax: cli.py imports it lazily so --help stays instant
+
     try:
-        check_sampling(args.temperature, 1.0 if args.top_p is None else args.top_p,
-                       0 if args.top_k is None else args.top_k)
+        sampling = SamplingParams.from_kwargs(**{k: getattr(args, k) for k in SAMPLING_FLAGS})
     except ValueError as e:
         bad.append(str(e))
     if bad:
@@ -252,7 +255,7 @@ def _infer(ap, args) -> int:
         shard = (jax.process_index(), jax.process_count())
     mine = [it for p, it in enumerate(items) if shard is None or p % shard[1] == shard[0]]
     try:
-        results_file = ResultsFile(shard_path(out, shard), retry_errors=args.retry_errors)
+        results_file = open_results(shard_path(out, shard), retry_errors=args.retry_errors)  # suffix: the format
     except (ResultsFileError, OSError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2
@@ -284,9 +287,7 @@ def _infer(ap, args) -> int:
                 print(f"infer.py: error: {e}", file=sys.stderr)
                 return 2
             good = [r for _, r in todo if not isinstance(r, _BadLine)]
-            results = model.iter_results(good, score=args.score, max_new_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                         seed=args.seed, audio_root=args.audio_root, progress=not args.no_progress,
+            results = model.iter_results(good, score=args.score, sampling=sampling, seed=args.seed, audio_root=args.audio_root, progress=not args.no_progress,
                                          ordered=False)
         else:
             results = iter(())

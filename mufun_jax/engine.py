@@ -31,44 +31,28 @@ Scoring (teacher-forced log-likelihood of candidates) runs one forward pass with
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
-import hashlib
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mufun_jax import audio as audio_lib
 from mufun_jax.compile_cache import enable_compile_cache
 from mufun_jax import generate as dev
-from mufun_jax.config import ENDOFTEXT_ID, IM_END_ID, IMAGE_TOKEN_INDEX, check_sampling
+from mufun_jax.config import ENDOFTEXT_ID, IM_END_ID
 from mufun_jax import scoring
-from mufun_jax.generate import GenerationOutput, Request, ScoreOutput, bucket, pow2_upto, stop_array
+from mufun_jax.generate import GenerationOutput, Request, ScoreOutput, bucket, pow2_upto
 from mufun_jax.lru import LRUCache
 from mufun_jax.models.qwen3 import KVCache
-from mufun_jax.splice import expand_placeholders
+from mufun_jax.sampling import SamplingParams
+from mufun_jax.engine_inputs import EngineInputs, _Job, _stops
 
 DEFAULT_EOS_TOKEN_ID = (IM_END_ID, ENDOFTEXT_ID)  # `<|im_end|>` ends an instruct answer, `<|endoftext|>` a base one
-class _Job:
-    """One request on its way: validated inputs, cache keys, and its answer so far."""
-
-    __slots__ = ("index", "ids", "arrays", "kinds", "keys", "cpa", "cut", "prefix_key", "row_max", "seed", "tokens",
-                 "logprobs", "slot")
-
-    def __init__(self, index, ids, arrays, kinds, keys, row_max, seed):
-        self.index, self.ids, self.arrays, self.kinds, self.keys = index, ids, arrays, kinds, keys
-        self.cpa = [len(a) for a in arrays]
-        audio_at = [i for i, x in enumerate(ids) if x == IMAGE_TOKEN_INDEX]
-        self.cut = audio_at[-1] + 1 if audio_at else 0  # prefix = ids[:cut], suffix = ids[cut:]
-        self.prefix_key = (tuple(ids[:self.cut]), tuple(keys))
-        self.row_max, self.seed = row_max, seed
-        self.tokens, self.logprobs, self.slot = [], [], None
-
-
-class Generator:
+class Generator(EngineInputs):
     """Continuous-batching generation and batched scoring for a :class:`~mufun_jax.models.MuFun`
     (see the module docstring).
 
@@ -138,6 +122,8 @@ class Generator:
         self.timings: collections.Counter = collections.Counter()
         self.graphdef = nnx.graphdef(model)
         self._cache = None
+        self._cancelled: set[int] = set()
+        self.active = 0  # requests in slots or waiting, while stream runs: a server's feed reads it
         merge = lambda state: nnx.merge(self.graphdef, state)
 
         def counted(name, fn):
@@ -160,67 +146,6 @@ class Generator:
     def num_compiles(self) -> int:
         return sum(self.compiles.values())
 
-    def cache_stats(self) -> dict:
-        """Per cache: ``used`` (audios, or prefixes, that admitted requests needed), ``computed``
-        (encoded, or prefilled), ``reused`` (the rest: from the cache or a request admitted with it),
-        and the LRU's own ``hits``, ``misses``, ``entries`` and ``bytes``."""
-        st = self.stats
-        audio_used, prefix_used = st["audio_used"], st["prefix_reused"] + st["prefix_computed"]
-        return {"audio": dict(self.audio_cache.stats(), used=audio_used, computed=st["audio_encoded"],
-                              reused=max(audio_used - st["audio_encoded"], 0)),
-                "prefix": dict(self.prefix_cache.stats(), used=prefix_used, computed=st["prefix_computed"],
-                               reused=st["prefix_reused"])}
-
-    def clear_caches(self) -> None:
-        """Forget every cached audio embedding and prefix (e.g. after the weights changed)."""
-        self.audio_cache = LRUCache(self.audio_cache.max_bytes)
-        self.prefix_cache = LRUCache(self.prefix_cache.max_bytes)
-
-    # -- inputs --------------------------------------------------------------------------------
-
-    def _prepare(self, request, index: int = 0, extra_tokens: int = 0):
-        """Validate one request; returns (input_ids, chunks per audio, kinds, [audio arrays], keys)."""
-        ids = [int(x) for x in request.input_ids]
-        raw = getattr(request, "audios", None)
-        if raw is None:
-            raw = getattr(request, "chunks", ())  # a data.dataset.Sample
-        kinds, arrays = [], []
-        for j, a in enumerate(raw):
-            try:
-                kind, arr = audio_lib.engine_input(a, self.cfg.whisper)
-            except ValueError as e:
-                raise ValueError(f"request {index}, audio {j}: {e}") from None
-            kinds.append(kind)
-            arrays.append(arr)
-        keys = getattr(request, "audio_keys", None)
-        if keys is None:
-            keys = [(kind, arr.shape, hashlib.blake2b(arr.tobytes(), digest_size=16).hexdigest())
-                    for kind, arr in zip(kinds, arrays)]
-        elif len(keys) != len(arrays):
-            raise ValueError(f"request {index}: {len(keys)} audio_keys for {len(arrays)} audios")
-        chunks_per_audio = [len(a) for a in arrays]
-        n_chunks = sum(chunks_per_audio)
-        if n_chunks > self.max_chunks:
-            raise ValueError(f"request {index}: {n_chunks} audio chunks, more than max_chunks={self.max_chunks}")
-        n_placeholders = sum(1 for x in ids if x == IMAGE_TOKEN_INDEX)
-        if n_placeholders != len(arrays):
-            raise ValueError(f"request {index}: {n_placeholders} <audio> placeholders ({IMAGE_TOKEN_INDEX}) but "
-                             f"{len(arrays)} audios")
-        length = len(ids) - n_placeholders + self.cfg.tokens_per_chunk * n_chunks + extra_tokens
-        if length < 1:
-            raise ValueError(f"request {index}: empty prompt")
-        if length > self.buckets[-1]:
-            what = "prompt + longest candidate" if extra_tokens else "prompt"
-            raise ValueError(f"request {index}: {what} has {length} tokens after audio expansion, more than the "
-                             f"largest bucket {self.buckets[-1]}")
-        return ids, chunks_per_audio, kinds, arrays, list(keys)
-
-    def check(self, request) -> int:
-        """Raise ValueError if ``request`` cannot be served (too long, too many chunks, bad audio);
-        returns its expanded prompt length. Lets a caller turn one bad request into an error record."""
-        ids, cpa, _, _, _ = self._prepare(request)
-        return len(ids) - len(cpa) + self.cfg.tokens_per_chunk * sum(cpa)
-
     # -- device phases ---------------------------------------------------------------------------
 
     def _timed(self, phase: str, fn, *args, **kw):
@@ -231,109 +156,7 @@ class Generator:
         self.timings[phase] += time.perf_counter() - t0
         return out
 
-    def _embeds(self, state, jobs: list[_Job], spare: Sequence[_Job] = ()) -> dict:
-        """The audio embeddings of ``jobs`` by key: from the audio cache, or encoded (batched by
-        kind) and put there. The dict holds them for this admission even if the cache cannot.
-
-        An encoder batch is padded to a chunk bucket. Rather than encode zeros, the padding rows
-        take the audios of ``spare`` (requests waiting for a slot) that fit whole; their embeddings
-        go to the audio cache, where those requests find them when admitted."""
-        todo: dict = {}
-        found: dict = {}
-        for job in jobs:
-            for key, kind, arr in zip(job.keys, job.kinds, job.arrays):
-                if key in todo or key in found:
-                    continue
-                emb = self.audio_cache.get(key)
-                if emb is None:
-                    todo[key] = (kind, arr)
-                else:
-                    found[key] = emb
-                    self.stats["audio_cache_hits"] += 1
-        for kind in ("waves", "mel"):
-            items = [(k, a) for k, (kd, a) in todo.items() if kd == kind]
-            while items:  # chunk budget per call: the largest chunk bucket
-                group, n = [], 0
-                while items and (not group or n + len(items[0][1]) <= self.chunk_buckets[-1]):
-                    group.append(items.pop(0))
-                    n += len(group[-1][1])
-                c = bucket(n, self.chunk_buckets)
-                fill = self._spare_audios(spare, kind, c - n, todo, found) if c > n else []
-                group += fill
-                n += sum(len(a) for _, a in fill)
-                self.stats["audio_prefetched"] += len(fill)
-                self.stats["encoder_chunks"] += n
-                self.stats["encoder_padding"] += c - n
-                x = np.concatenate([a for _, a in group])
-                x = np.concatenate([x, np.zeros((c - n,) + x.shape[1:], np.float32)])
-                emb = self._timed("encode", self._encode, state, x)
-                at = 0
-                for k, a in group:
-                    found[k] = emb[at:at + len(a)]
-                    self.audio_cache.put(k, found[k])
-                    at += len(a)
-                self.stats["audio_encoded"] += len(group)
-        return found
-
-    def _spare_audios(self, spare: Sequence[_Job], kind: str, room: int, todo: dict, found: dict) -> list:
-        """Audios of waiting requests, of ``kind``, not encoded yet, that fit whole in ``room`` chunks."""
-        if self.audio_cache.max_bytes <= 0:  # nothing could keep them until their request is admitted
-            return []
-        out, taken = [], set()
-        for job in spare:
-            for key, kd, arr in zip(job.keys, job.kinds, job.arrays):
-                if (kd != kind or len(arr) > room or key in todo or key in found or key in taken
-                        or key in self.audio_cache):
-                    continue
-                out.append((key, arr))
-                taken.add(key)
-                room -= len(arr)
-        return out
-
-    def _prefixes(self, state, jobs: list[_Job], spare: Sequence[_Job] = ()) -> dict:
-        """The prefix keys/values of ``jobs`` by prefix key: from the prefix cache, or computed
-        (batched by length bucket) and put there; held for this admission even if the cache cannot."""
-        tpc = self.cfg.tokens_per_chunk
-        todo, found = {}, {}
-        for job in jobs:
-            if job.cut == 0 or job.prefix_key in found or job.prefix_key in todo:
-                continue
-            pre = self.prefix_cache.get(job.prefix_key)
-            if pre is None:
-                todo[job.prefix_key] = job
-            else:
-                found[job.prefix_key] = pre
-        self.stats["prefix_reused"] += sum(1 for j in jobs if j.cut) - len(todo)  # from the cache or a sibling
-        embeds = self._embeds(state, list(todo.values()), spare)  # only the audios of prefixes to compute
-        by_bucket = collections.defaultdict(list)
-        for job in todo.values():
-            n = job.cut - len(job.cpa) + tpc * sum(job.cpa)
-            by_bucket[bucket(n, self.buckets)].append(job)
-        for length, group in by_bucket.items():
-            for start in range(0, len(group), self.prefill_batch):
-                part = group[start:start + self.prefill_batch]
-                b = bucket(len(part), self.batch_sizes)
-                ids = np.full((b, length), self.pad_token_id, np.int32)
-                slots = np.full((b, length), -1, np.int32)
-                embs, offset, lens = [], 0, []
-                for r, job in enumerate(part):
-                    e_ids, _, s = expand_placeholders(job.ids[:job.cut], job.cpa, tokens_per_chunk=tpc,
-                                                      chunk_offset=offset)
-                    ids[r, :len(e_ids)], slots[r, :len(e_ids)] = e_ids, s
-                    embs += [embeds[k] for k in job.keys]
-                    offset += sum(job.cpa)
-                    lens.append(len(e_ids))
-                c = bucket(offset, self.chunk_buckets)
-                emb = jnp.concatenate(embs + ([jnp.zeros((c - offset,) + embs[0].shape[1:], embs[0].dtype)]
-                                              if c > offset else []))
-                kv = self._timed("prefill", self._prefix, state, ids, slots, emb)
-                for r, job in enumerate(part):
-                    found[job.prefix_key] = (KVCache(kv.k[:, r], kv.v[:, r]), lens[r])
-                    self.prefix_cache.put(job.prefix_key, found[job.prefix_key])
-                self.stats["prefix_computed"] += len(part)
-        return found
-
-    def _admit(self, state, jobs: list[_Job], sampling: dict, spare: Sequence[_Job] = ()) -> list[_Job]:
+    def _admit(self, state, jobs: list[_Job], spare: Sequence[_Job] = ()) -> list[_Job]:
         """Prefill ``jobs`` (each already holding a slot) into their slots; returns those finished
         by their first token. ``spare``: waiting requests whose audio may fill encoder padding."""
         self.stats["audio_used"] += sum(len(j.keys) for j in jobs)
@@ -355,13 +178,11 @@ class Generator:
             suffix = np.full((b, s_bucket), self.pad_token_id, np.int32)
             s_len, p_len = np.ones((b,), np.int32), np.zeros((b,), np.int32)
             slots = np.full((b,), self.batch_size, np.int32)  # out of range: padding rows write nothing
-            seeds = np.zeros((b,), np.uint32)
             ks, vs = [], []
             for r, (job, pre, plen) in enumerate(group):
                 sfx = job.ids[job.cut:]
                 suffix[r, :len(sfx)] = sfx
                 s_len[r], p_len[r], slots[r] = len(sfx), plen, job.slot
-                seeds[r] = np.uint32(job.seed & 0xFFFFFFFF)
                 if pre is not None:
                     ks.append(pre[0].k)
                     vs.append(pre[0].v)
@@ -371,16 +192,16 @@ class Generator:
             else:
                 z = jnp.zeros((layers, b, kvh, 0, hd), self._cache.k.dtype)
                 prefix = KVCache(z, z)
+            rows = [job.params for job, _, _ in group]
+            params = jax.tree.map(lambda *xs: np.concatenate(xs), *(rows + rows[:1] * (b - len(rows))))
             tok, lp, self._cache = self._timed(
-                "prefill", self._prefill, state, self._cache, slots, prefix, p_len, suffix, s_len, seeds,
-                *(np.full((b,), sampling[k], dt) for k, dt in (("temperature", np.float32), ("top_k", np.int32),
-                                                              ("top_p", np.float32))))
+                "prefill", self._prefill, state, self._cache, slots, prefix, p_len, suffix, s_len, params)
             tok, lp = np.asarray(tok), np.asarray(lp)
             for r, (job, _, plen) in enumerate(group):
                 job.tokens.append(int(tok[r]))
                 job.logprobs.append(float(lp[r]))
                 self._pos[job.slot] = plen + s_len[r]
-                if int(tok[r]) in sampling["stops"] or job.row_max <= 1:
+                if _stops(job, int(tok[r])) or job.row_max <= 1:
                     done.append(job)
             self.stats["prefilled"] += len(group)
         return done
@@ -391,68 +212,96 @@ class Generator:
 
     # -- generation ----------------------------------------------------------------------------
 
-    def stream(self, requests: Iterable[Request], *, max_new_tokens: int | None = None, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0,
-               eos_token_id: int | Sequence[int] | None = ...) -> Iterator[tuple[int, GenerationOutput]]:
-        """Generate for every request (greedy when ``temperature == 0``), yielding ``(index,
-        output)`` as each answer completes. A list of requests is validated before anything runs (a
-        bad one raises ValueError; see :meth:`check`); any other iterable is pulled lazily, one
-        request whenever a slot frees, so its producer (e.g. audio decoding threads) runs alongside.
-        ``eos_token_id=None`` disables stopping."""
-        check_sampling(temperature, top_p, top_k)
-        cap = self.max_new_tokens if max_new_tokens is None else int(max_new_tokens)
+    def stream(self, requests: Iterable[Request | None], sampling: SamplingParams | None = None, *,
+               on_tokens: Callable[[int, list, list], None] | None = None,
+               **kw) -> Iterator[tuple[int, GenerationOutput]]:
+        """Generate for every request, yielding ``(index, output)`` as each answer completes.
+
+        ``sampling`` (default greedy) applies to every request without its own ``Request.sampling``;
+        ``kw`` replaces fields of it (``temperature=0.7``; HF's ``max_new_tokens`` and
+        ``eos_token_id`` are accepted, ``eos_token_id=None`` never stops early). A list of requests
+        is validated before anything runs (a bad one raises ValueError; see :meth:`check`); any
+        other iterable is pulled lazily, one request whenever a slot frees, so its producer (audio
+        decoding threads, a server's queue) runs alongside. Such a producer may yield ``None`` for
+        "nothing new yet": the engine keeps decoding and asks again. Indices count the requests,
+        not the ``None`` values. ``on_tokens(index, token_ids, logprobs)`` is called with each request's
+        new tokens after every device call (streaming); :meth:`cancel` ends a request early."""
+        base = SamplingParams.from_kwargs(sampling, **kw)
+        cap = self.max_new_tokens if base.max_tokens is None else int(base.max_tokens)
         if not 1 <= cap <= self.max_new_tokens:
             raise ValueError(f"max_new_tokens={cap} must be in [1, {self.max_new_tokens}] (the generator's cache size)")
-        stop_ids = stop_array(self.eos_token_id if eos_token_id is ... else eos_token_id)
+        base = dataclasses.replace(base, max_tokens=cap)
+
+        def params_of(r) -> tuple[int, SamplingParams]:
+            own = getattr(r, "sampling", None)
+            if own is None:
+                limit = getattr(r, "max_new_tokens", None)
+                own = dataclasses.replace(base, seed=int(getattr(r, "seed", 0)))
+                row_max = cap if limit is None else max(0, min(int(limit), cap))
+            else:
+                row_max = min(cap if own.max_tokens is None else int(own.max_tokens), self.max_new_tokens)
+            rows = SamplingParams.rows([own], self.eos_token_id, cap=self.max_new_tokens)
+            if rows.stop_token_ids.shape[1] != self._rows.stop_token_ids.shape[1]:
+                raise ValueError(f"{(rows.stop_token_ids[0] >= 0).sum()} stop token ids; at most "
+                                 f"{self._rows.stop_token_ids.shape[1]} fit this generator")
+            return row_max, rows
 
         def make_jobs():
-            for i, r in enumerate(requests):
+            i = 0
+            for r in requests:
+                if r is None:
+                    yield None
+                    continue
                 ids, cpa, kinds, arrays, keys = self._prepare(r, i)
-                own = getattr(r, "max_new_tokens", None)
-                row_max = cap if own is None else max(0, min(int(own), cap))
+                row_max, rows = params_of(r)
                 self.stats["requests"] += 1
-                yield _Job(i, ids, arrays, kinds, keys, row_max, int(getattr(r, "seed", 0)))
+                yield _Job(i, ids, arrays, kinds, keys, row_max, rows)
+                i += 1
 
+        s = self.batch_size
+        self._rows = SamplingParams.rows([base] * s, self.eos_token_id, cap=self.max_new_tokens)
         source = iter(list(make_jobs())) if isinstance(requests, Sequence) else make_jobs()
         waiting = collections.deque()
+        end = object()
 
         def more(ahead: bool = False) -> bool:
             """Is a request waiting? Pulls one from the source when none is (or, ``ahead``, always)."""
             if ahead or not waiting:
-                job = next(source, None)
-                if job is not None:
+                job = next(source, end)
+                if job is not end and job is not None:
                     waiting.append(job)
                     return True
                 if ahead:
                     return False
             return bool(waiting)
 
-        sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p,
-                    "stops": {int(x) for x in stop_ids if x >= 0}}
         state = nnx.state(self.model)
         self._new_cache()
-        s = self.batch_size
         slot_job: list[_Job | None] = [None] * s
         self._pos = np.zeros((s,), np.int32)
-        tokens, remaining, steps, seeds = (np.zeros((s,), np.int32), np.zeros((s,), np.int32),
-                                           np.zeros((s,), np.int32), np.zeros((s,), np.uint32))
-        temp = np.full((s,), temperature, np.float32)
-        topk, topp = np.full((s,), top_k, np.int32), np.full((s,), top_p, np.float32)
+        tokens, remaining, steps = np.zeros((s,), np.int32), np.zeros((s,), np.int32), np.zeros((s,), np.int32)
 
-        def finish(job, stopped):
+        def finish(job, reason):
             if job.slot is not None:
                 slot_job[job.slot] = None
             self.stats["generated_tokens"] += len(job.tokens)
+            self._cancelled.discard(job.index)
             return job.index, GenerationOutput(np.asarray(job.tokens, np.int32), np.asarray(job.logprobs, np.float32),
-                                               "stop" if stopped else "length")
+                                               reason)
 
         while more() or any(j is not None for j in slot_job):
+            self.active = sum(j is not None for j in slot_job) + len(waiting)
+            if self._cancelled:
+                for job in [j for j in list(waiting) + slot_job if j is not None and j.index in self._cancelled]:
+                    if job.slot is None:
+                        waiting.remove(job)
+                    yield finish(job, "abort")
             free = [i for i, j in enumerate(slot_job) if j is None]
             admit = []
             while free and more():
                 job = waiting.popleft()
                 if job.row_max == 0:
-                    yield finish(job, False)
+                    yield finish(job, "length")
                     continue
                 job.slot = free.pop(0)
                 slot_job[job.slot] = job
@@ -460,19 +309,23 @@ class Generator:
             if admit:
                 while len(waiting) < max(2 * self.batch_size, 16) and more(ahead=True):
                     pass  # a look-ahead (several questions per song are common): their audio fills encoder padding
-                for job in self._admit(state, admit, sampling, spare=list(waiting)):
-                    yield finish(job, job.tokens[-1] in sampling["stops"])
+                done = self._admit(state, admit, spare=list(waiting))
+                if on_tokens is not None:
+                    for job in admit:
+                        on_tokens(job.index, job.tokens[-1:], job.logprobs[-1:])
+                for job in done:
+                    yield finish(job, "stop" if _stops(job, job.tokens[-1]) else "length")
                 for job in admit:
                     if slot_job[job.slot] is job:
-                        tokens[job.slot], remaining[job.slot] = job.tokens[-1], job.row_max - 1
-                        steps[job.slot], seeds[job.slot] = 1, np.uint32(job.seed & 0xFFFFFFFF)
+                        tokens[job.slot], remaining[job.slot], steps[job.slot] = job.tokens[-1], job.row_max - 1, 1
+                        self._rows.set_row(job.slot, job.params)
             live = np.array([j is not None for j in slot_job])
             if not live.any():
                 continue
             before = self._pos.copy()
             span = bucket(min(int(before[live].max()) + self.decode_steps, self.max_len), self.spans)
             out = self._timed("decode", self._decode, state, self._cache, tokens, before, live, remaining, steps,
-                              seeds, temp, topk, topp, stop_ids, span=span)
+                              self._rows, span=span)
             self._cache = out[0]
             tokens, pos, new_live, remaining, steps, out_tok, out_lp, stopped, n = map(np.array, jax.device_get(out[1:]))
             self._pos = pos
@@ -481,10 +334,20 @@ class Generator:
             for slot in np.flatnonzero(live):
                 job = slot_job[slot]
                 k = int(pos[slot] - before[slot])  # the tokens this slot generated in this call
-                job.tokens += [int(t) for t in out_tok[slot, :k]]
-                job.logprobs += [float(x) for x in out_lp[slot, :k]]
+                new_tok, new_lp = [int(t) for t in out_tok[slot, :k]], [float(x) for x in out_lp[slot, :k]]
+                job.tokens += new_tok
+                job.logprobs += new_lp
+                if on_tokens is not None and k:
+                    on_tokens(job.index, new_tok, new_lp)
                 if not new_live[slot]:
-                    yield finish(job, bool(stopped[slot]))
+                    yield finish(job, "stop" if stopped[slot] else "length")
+        self.active = 0
+
+    def cancel(self, index: int) -> None:
+        """End request ``index`` of the running :meth:`stream` early (a client went away): a waiting
+        request is dropped, a running one frees its slot before the next decode call. It comes out
+        with ``finish_reason == "abort"``. Safe to call from another thread."""
+        self._cancelled.add(int(index))
 
     def generate(self, requests: Sequence[Request], **kw) -> list[GenerationOutput]:
         """:meth:`stream`, collected in input order."""

@@ -19,7 +19,6 @@ suffixes on top; :func:`decode_chunk` then advances every slot a few tokens at a
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Sequence
 
 import jax
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mufun_jax.models.qwen3 import KVCache
+from mufun_jax.sampling import SamplingParams, choose_tokens, filter_logits, is_stop, row_keys, stop_array  # noqa: F401 - re-exported
 
 
 @dataclasses.dataclass
@@ -36,13 +36,16 @@ class Request:
     chunks, or one 1-D waveform that is cut with :func:`audio.chunk`) or log-mel ``(chunks, n_mels, 3000)``.
     ``audio_keys`` (optional, one hashable per audio, e.g. ``(path, segment)``) name the audios for
     the engine's caches; without them an audio is known by a hash of its samples. ``seed`` drives
-    this request's sampling; ``max_new_tokens`` (optional) lowers the generator's cap."""
+    this request's sampling; ``max_new_tokens`` (optional) lowers the generator's cap. ``sampling``
+    (optional) is this request's own :class:`SamplingParams`; it replaces the run's, its seed and
+    ``max_tokens`` included, so requests with different settings share one batch."""
 
     input_ids: Sequence[int]
     audios: Sequence[Any] = ()
     seed: int = 0
     max_new_tokens: int | None = None
     audio_keys: Sequence[Any] | None = None
+    sampling: SamplingParams | None = None
 
 
 @dataclasses.dataclass
@@ -60,47 +63,6 @@ class ScoreOutput:
     @property
     def mean(self) -> float:
         return self.total / max(len(self.token_logprobs), 1)
-
-
-# -- sampling ----------------------------------------------------------------------------------
-
-
-def filter_logits(logits, top_k, top_p):
-    """HF's TopK then TopP warpers with per-row settings: ``top_k <= 0`` and ``top_p >= 1`` disable
-    them. Removed entries become -inf. One descending sort serves both."""
-    v = logits.shape[-1]
-    desc = -jnp.sort(-logits, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v).astype(jnp.int32)
-    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
-    logits = jnp.where(logits < kth, -jnp.inf, logits)
-    desc = jnp.where(jnp.arange(v)[None, :] < k[:, None], desc, -jnp.inf)
-    probs = jax.nn.softmax(desc, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
-    keep = (before < top_p[:, None]) | (top_p[:, None] >= 1.0)
-    n_keep = jnp.maximum(keep.sum(-1), 1)  # the most likely token is always kept
-    thr = jnp.take_along_axis(desc, (n_keep - 1)[:, None], axis=-1)
-    return jnp.where(logits < thr, -jnp.inf, logits)
-
-
-def choose_tokens(logits, keys, step, temperature, top_k, top_p):
-    """Next token per row (greedy where ``temperature == 0``) and its log-probability under the
-    raw model distribution. ``step`` (scalar or per row) is folded into each row's key, so a
-    request's sample depends on its seed and position only. The sort that sampling needs runs
-    only if some row samples."""
-    logits = logits.astype(jnp.float32)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-    def sample(_):
-        t = jnp.where(temperature > 0, temperature, 1.0)
-        warped = filter_logits(logits / t[:, None], top_k, top_p)
-        steps = jnp.broadcast_to(jnp.asarray(step, jnp.int32), greedy.shape)
-        step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
-        drawn = jax.vmap(jax.random.categorical)(step_keys, warped).astype(jnp.int32)
-        return jnp.where(temperature > 0, drawn, greedy)
-
-    tok = jax.lax.cond(jnp.any(temperature > 0), sample, lambda _: greedy, None)
-    lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tok[:, None], axis=-1)[:, 0]
-    return tok, lp
 
 
 # -- prefill and decode ---------------------------------------------------------------------------
@@ -163,38 +125,36 @@ def prefix_kv(model, input_ids, audio_slots, audio_embeds, chunk: int | None = N
     return cache
 
 
-def prefill_slots(model, cache: KVCache, slots, prefix: KVCache, prefix_len, suffix_ids, suffix_len, seeds,
-                  temperature, top_k, top_p, chunk: int | None = None):
+def prefill_slots(model, cache: KVCache, slots, prefix: KVCache, prefix_len, suffix_ids, suffix_len,
+                  sampling: SamplingParams, chunk: int | None = None):
     """Put each row's prefix keys/values (``prefix``: (layers, B, kv_heads, P, head_dim),
     ``prefix_len`` real positions of them) into decode slot ``slots[b]`` of ``cache``, prefill the
     suffix tokens (``suffix_ids`` (B, S), ``suffix_len`` real ones) after it, and choose each row's
     first new token. Rows whose slot is out of range (``>= cache`` rows) are padding: nothing of
-    them is written. ``seeds`` (B,) key each row's sampling; ``chunk`` runs the suffix prefill in
+    them is written. ``sampling`` holds each row's settings (:meth:`SamplingParams.rows`); ``chunk`` runs the suffix prefill in
     pieces when it divides the suffix length. Returns (first tokens, their log-probs, the cache)."""
     s = suffix_ids.shape[1]
     tmp = KVCache(*(jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, s), (0, 0))) for x in prefix))
     chunk = chunk if chunk and s > chunk and s % chunk == 0 else None
     last, tmp = prefill(model, model.embed_inputs(suffix_ids), suffix_len, tmp, chunk, start=prefix_len)
-    keys = jax.vmap(jax.random.key)(seeds)
-    tok, lp = choose_tokens(model.logits(last), keys, 0, temperature, top_k, top_p)
+    tok, lp = choose_tokens(model.logits(last), row_keys(sampling), 0, sampling)
     # only the leading positions of the rows change; past the cache's end there is nothing real
     n = min(tmp.max_len, cache.max_len)
     put = lambda big, new: big.at[:, slots, :, :n].set(new[:, :, :, :n].astype(big.dtype), mode="drop")
     return tok, lp, KVCache(put(cache.k, tmp.k), put(cache.v, tmp.v))
 
 
-def decode_chunk(model, cache: KVCache, tokens, positions, live, remaining, steps, seeds, temperature, top_k, top_p,
-                 stop_ids, max_steps: int, span: int | None = None):
+def decode_chunk(model, cache: KVCache, tokens, positions, live, remaining, steps, sampling: SamplingParams,
+                 max_steps: int, span: int | None = None):
     """Advance every live slot by up to ``max_steps`` tokens in a device loop that stops early as
     soon as some slot finishes (so the host can refill it). ``tokens`` are each slot's last token,
     written at ``positions``; ``remaining`` counts the tokens a slot may still generate; ``steps``
-    is each slot's sampling step and ``seeds`` key its sampling; ``span`` is :func:`decode_step`'s,
+    is each slot's sampling step and ``sampling`` holds its settings, stop ids included; ``span`` is :func:`decode_step`'s,
     and must exceed every live slot's position by ``max_steps``. Returns (cache, tokens, positions,
     live, remaining, steps, new tokens (slots, max_steps), their log-probs, stopped (slots,), steps
     run). A slot's new tokens are the first ``positions_after - positions_before`` of its row."""
     s = tokens.shape[0]
-    keys = jax.vmap(jax.random.key)(seeds)
-    is_stop = lambda tok: jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    keys = row_keys(sampling)
     out_tok = jnp.zeros((s, max_steps), jnp.int32)
     out_lp = jnp.zeros((s, max_steps), jnp.float32)
     stopped = jnp.zeros((s,), bool)
@@ -206,11 +166,11 @@ def decode_chunk(model, cache: KVCache, tokens, positions, live, remaining, step
     def body(c):
         i, cache, tokens, live, positions, remaining, steps, out_tok, out_lp, stopped, _ = c
         logits, cache = decode_step(model, tokens, positions, cache, span)
-        tok, lp = choose_tokens(logits, keys, steps, temperature, top_k, top_p)
+        tok, lp = choose_tokens(logits, keys, steps, sampling)
         out_tok = jax.lax.dynamic_update_index_in_dim(out_tok, jnp.where(live, tok, 0), i, axis=1)
         out_lp = jax.lax.dynamic_update_index_in_dim(out_lp, jnp.where(live, lp, 0.0), i, axis=1)
         remaining = remaining - live
-        stop = live & is_stop(tok)
+        stop = live & is_stop(tok, sampling)
         stopped = stopped | stop
         fresh = live & (stop | (remaining <= 0))  # finished in this step
         tokens = jnp.where(live, tok, tokens)
@@ -251,14 +211,3 @@ def pow2_upto(limit: int) -> tuple[int, ...]:
         out.append(b)
         b *= 2
     return tuple(out) + (limit,)
-
-
-STOP_PAD = 8  # stop-id arrays are padded to a multiple of this, so their count rarely changes the shape
-
-
-def stop_array(eos_token_id) -> np.ndarray:
-    """Stop ids as a fixed-size int32 array padded with -1 (a shape that rarely changes)."""
-    ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, (int, np.integer))
-                                           else list(eos_token_id))
-    n = max(STOP_PAD, math.ceil(len(ids) / STOP_PAD) * STOP_PAD)
-    return np.asarray(ids + [-1] * (n - len(ids)), np.int32)

@@ -9,7 +9,8 @@ moment leaves either the old file or the new one, never half of one.
   under ``--out`` (same sub-folders); ``caption``: ``NAME.caption.txt`` and ``NAME.lyrics.txt``
   (ACE-Step 1.5). A song is done when its files exist. The lyrics file is written only by presets
   that produce lyrics (``acestep``, or a YAML preset with a ``lyrics`` question).
-- ``jsonl``, ``csv``: one file, one record per song; ``hf``: a Hugging Face dataset
+- ``jsonl``, ``csv``, ``parquet``: one file, one record per song (parquet through
+  :func:`mufun_jax.outputs.write_table`, the results writers' table format); ``hf``: a Hugging Face dataset
   (``datasets.save_to_disk``) with columns ``audio``, ``path``, ``prompt``, ``lyrics`` and one per
   question (``audio`` holds the song's bytes: ``save_to_disk`` embeds them). Each finished song
   is first saved as its own small JSON in ``.OUT.parts/``; the file
@@ -28,8 +29,10 @@ import shutil
 from pathlib import Path
 
 from mufun_jax.errors import InputError
+from mufun_jax.outputs import RecordKind, ResultsFileError, read_table as read_results_table, write_table
 
-FORMATS = ("acestep", "caption", "jsonl", "csv", "hf")
+FORMATS = ("acestep", "caption", "jsonl", "csv", "parquet", "hf")
+TAG_RECORDS = RecordKind("mufun-tag", ("path",), ("prompt",))  # a song's record, keyed by its path
 SIDECARS = {"acestep": ("_prompt.txt", "_lyrics.txt"), "caption": (".caption.txt", ".lyrics.txt")}
 TMP_SUFFIX = ".mufun-tag-tmp"
 
@@ -149,6 +152,8 @@ class TableWriter:
             for r in rows:
                 w.writerow({c: "" if r.get(c) is None else r.get(c) for c in cols})
             atomic_write(self.path, buf.getvalue())
+        elif self.fmt == "parquet":
+            write_table(self.path, "parquet", [{c: r.get(c) for c in cols} for r in rows])
         else:
             self._save_dataset(rows, cols)
         if self.parts.exists():
@@ -203,6 +208,14 @@ def read_table(fmt: str, path: Path) -> dict:
         return {r["path"]: r for r in rows}
     if path.is_dir():
         raise OutputError("bad_output", f"{path}: is a directory, not a {fmt} file{hint}")
+    if fmt == "parquet":
+        try:
+            rows = read_results_table(path, "parquet", TAG_RECORDS)
+        except ResultsFileError:
+            raise OutputError("bad_output", f"{path}: not a mufun-tag parquet table{hint}") from None
+        if not all(isinstance(r.get("path"), str) and "prompt" in r for r in rows):
+            raise OutputError("bad_output", f"{path}: not a mufun-tag table (no 'path' and 'prompt' columns){hint}")
+        return {r["path"]: r for r in rows}
     with open(path, encoding="utf-8", newline="") as f:  # newline="": a quoted CSV field keeps its "\r"
         text = f.read()
     out = {}

@@ -10,11 +10,8 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-from flax import nnx
 
 from mufun_jax.config import MuFunConfig
-from mufun_jax.convert import load_params, torch_to_flax
-from mufun_jax.models import MuFun
 
 
 # mufun-tiny with a narrower, shallower Whisper: the training tests compile and run ~4x faster.
@@ -29,11 +26,23 @@ def small_cfg() -> MuFunConfig:
                                         connector_type="blp_3i_2x")
 
 
-def jax_mufun_from_torch(ref, cfg: MuFunConfig, run=None) -> MuFun:
-    """A JAX MuFun whose weights come from the torch reference through the converter's mapping."""
-    model = MuFun(cfg, run, rngs=nnx.Rngs(123))
-    load_params(model, torch_to_flax(ref.combined_state_dict(), cfg))
-    return model
+def bench_script(name: str):
+    """``bench/NAME.py`` imported as a module from its file: bench/ holds scripts, not a package on
+    the import path, and tests do not edit ``sys.path``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def jax_mufun_from_torch(ref, cfg: MuFunConfig, run=None):
+    """``mufun_jax.testing.torch_reference.jax_mufun_from_torch`` (its callers hold a torch model already)."""
+    from mufun_jax.testing.torch_reference import jax_mufun_from_torch as build  # torch: only where a test uses it
+
+    return build(ref, cfg, run)
 
 
 def random_mel(rng: np.random.Generator, chunks: int, cfg: MuFunConfig) -> np.ndarray:
@@ -201,3 +210,24 @@ def losses(out) -> list[tuple[int, float]]:
 
 def committed(out) -> list[int]:
     return sorted(int(p.name) for p in (Path(out) / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def tiny_model_dir(d: Path, texts: list[str], seed: int = 3) -> Path:
+    """A saved model directory (``d / "model"``): the small Whisper, a byte-level BPE trained on
+    ``texts``, random weights with the LM head scaled by 8 (greedy choices far from ties, varied)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from mufun_jax.checkpoint import save_model
+    from mufun_jax.data.tokenizer import build_tokenizer
+    from mufun_jax.models import MuFun
+
+    tok = build_tokenizer(texts, d / "tok", vocab_size=400)
+    cfg = small_cfg()
+    cfg = cfg.replace(qwen3=dataclasses.replace(cfg.qwen3, vocab_size=len(tok)))
+    params = nnx.to_pure_dict(nnx.state(MuFun(cfg, rngs=nnx.Rngs(seed))))
+    head = params["language_model"]["lm_head"]
+    head["kernel"] = np.asarray(head["kernel"]) * 8.0
+    save_model(d / "model", cfg, params, tokenizer=tok)
+    return d / "model"

@@ -19,6 +19,7 @@ import pytest
 
 import libtpu  # noqa: E402,F401  (make test installs it in .venv/libtpu; see the Makefile and conftest.py)
 
+from helpers import bench_script  # noqa: E402
 from mufun_jax import aot  # noqa: E402
 from mufun_jax.config import preset  # noqa: E402
 from mufun_jax.train_config import TrainConfig  # noqa: E402
@@ -380,11 +381,7 @@ def test_splash_attention_in_the_models_under_a_mesh_matches_xla():
 def test_tpu_vs_maxtext_roofline_and_missing_maxtext():
     """bench/tpu_vs_maxtext.py: the roofline arithmetic on a made-up result, and a clear exit 2
     where MaxText is not installed (this venv: make bench-tpu builds the one that has it)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import tpu_vs_maxtext as tvm
-    finally:
-        sys.path.pop(0)
+    tvm = bench_script("tpu_vs_maxtext")
     tokens = 3 * 4096
     r = tvm.analyse(dict(case="x", side="llm", topology="v5p-128", per_chip=3, remat="full", seq=4096, fits=True,
                          peak_bytes=10 * 2**30, temp_bytes=9 * 2**30, hlo_flops=459e12, kernel_calls=0,

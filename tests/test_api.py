@@ -25,7 +25,7 @@ from mufun_jax import audio
 from mufun_jax.config import WhisperConfig, preset
 from mufun_jax.data.templates import SYSTEM, tokenize_with_audio
 from mufun_jax.generate import Request
-from torch_reference import TorchMuFun
+from mufun_jax.testing.torch_reference import TorchMuFun
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = audio.SAMPLE_RATE

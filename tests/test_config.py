@@ -10,7 +10,7 @@ from flax import nnx
 from mufun_jax.config import MuFunConfig, Qwen3Config, WhisperConfig, parse_connector_type, preset
 from mufun_jax.convert import COMPONENTS, FLAX_ROOT, rules
 from mufun_jax.models import MuFun
-from torch_reference import hf_whisper_config
+from mufun_jax.testing.torch_reference import hf_whisper_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

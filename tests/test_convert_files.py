@@ -2,7 +2,6 @@
 corrupt inputs and atomic outputs (small random checkpoints)."""
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,16 +11,14 @@ import torch
 import transformers
 from flax import nnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from conftest import FP32_TOL, rel_err  # noqa: E402
-from helpers import random_mel  # noqa: E402
-from mufun_jax.config import preset  # noqa: E402
-from mufun_jax.convert import load_params as load_into  # noqa: E402
-from mufun_jax.models import MuFun  # noqa: E402
-from mufun_jax.checkpoint import PARAMS_DIR, iter_layers, load_config, load_params, param_metadata  # noqa: E402
-from mufun_jax.cli import convert_main  # noqa: E402
-from torch_reference import TorchMuFun, hf_whisper_config  # noqa: E402
+from conftest import FP32_TOL, rel_err
+from helpers import random_mel
+from mufun_jax.config import preset
+from mufun_jax.convert import load_params as load_into
+from mufun_jax.models import MuFun
+from mufun_jax.checkpoint import PARAMS_DIR, iter_layers, load_config, load_params, param_metadata
+from mufun_jax.cli import convert_main
+from mufun_jax.testing.torch_reference import TorchMuFun, hf_whisper_config
 
 CFG = preset("mufun-tiny")
 

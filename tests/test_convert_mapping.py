@@ -9,7 +9,7 @@ from flax import nnx
 from mufun_jax.config import preset
 from mufun_jax.convert import flax_to_torch, get_params, load_params, torch_to_flax
 from mufun_jax.models import MuFun
-from torch_reference import TorchMuFun, hf_whisper_config, randomize_
+from mufun_jax.testing.torch_reference import TorchMuFun, hf_whisper_config, randomize_
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,7 @@ from mufun_jax.evaluate import run as run_lib
 from mufun_jax.evaluate.cli import main
 from mufun_jax.evaluate.extract import OpenAIExtractor, regex_extract
 from mufun_jax.evaluate.scoring import mcnemar_exact, summarize, wilson, write_reports
-from torch_reference import TorchMuFun
+from mufun_jax.testing.torch_reference import TorchMuFun
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = audio.SAMPLE_RATE

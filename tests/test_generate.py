@@ -15,8 +15,9 @@ from helpers import LM_HEAD_SCALE, jax_mufun_from_torch
 from mufun_jax import audio
 from mufun_jax.config import IMAGE_TOKEN_INDEX as AUDIO, WhisperConfig, preset
 from mufun_jax.engine import Generator
-from mufun_jax.generate import Request, filter_logits
-from torch_reference import TorchMuFun
+from mufun_jax.generate import Request
+from mufun_jax.sampling import SamplingParams, filter_logits
+from mufun_jax.testing.torch_reference import TorchMuFun
 
 MAX_NEW = 8
 
@@ -159,9 +160,38 @@ def test_filter_logits_matches_hf_warpers(top_k, top_p):
         want = TopKLogitsWarper(top_k)(None, want)
     if top_p < 1:
         want = TopPLogitsWarper(top_p)(None, want)
-    got = np.asarray(filter_logits(logits, np.full(3, top_k, np.int32), np.full(3, top_p, np.float32)))
+    got = np.asarray(filter_logits(logits, SamplingParams.rows([SamplingParams(top_k=top_k, top_p=top_p)] * 3)))
     np.testing.assert_array_equal(np.isfinite(got), np.isfinite(want.numpy()))
     np.testing.assert_array_equal(got[np.isfinite(got)], logits[np.isfinite(got)])
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(0, 1.0, 0.1), (0, 1.0, 0.5), (5, 1.0, 0.3), (0, 0.8, 0.2),
+                                               (0, 1.0, 1.0), (4, 0.9, 0.05)])
+def test_min_p_matches_hf_warper(top_k, top_p, min_p):
+    """min-p after top-k and top-p, HF's order; per-row settings (the last row has the filters off)."""
+    from transformers.generation.logits_process import MinPLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    logits = np.random.default_rng(int(min_p * 100)).standard_normal((3, 50)).astype(np.float32) * 2
+    want = torch.from_numpy(logits[:2])
+    if top_k:
+        want = TopKLogitsWarper(top_k)(None, want)
+    if top_p < 1:
+        want = TopPLogitsWarper(top_p)(None, want)
+    want = MinPLogitsWarper(min_p)(None, want).numpy()
+    params = [SamplingParams(top_k=top_k, top_p=top_p, min_p=min_p)] * 2 + [SamplingParams()]
+    got = np.asarray(filter_logits(logits, SamplingParams.rows(params)))
+    np.testing.assert_array_equal(np.isfinite(got[:2]), np.isfinite(want))
+    np.testing.assert_array_equal(got[:2][np.isfinite(want)], logits[:2][np.isfinite(want)])
+    assert np.isfinite(got[2]).all()
+
+
+def test_sampling_params_errors_name_the_value():
+    with pytest.raises(ValueError, match=r"min_p=1.5 must be in \[0, 1\].*|top_p=0 must"):
+        SamplingParams(min_p=1.5)
+    with pytest.raises(ValueError, match="top_p=0 must be in"):
+        SamplingParams(top_p=0)
+    with pytest.raises(TypeError, match="unknown sampling setting 'topp'"):
+        SamplingParams.from_kwargs(topp=0.5)
 
 
 def test_one_compile_per_bucket(setup):

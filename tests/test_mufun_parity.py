@@ -10,7 +10,7 @@ from conftest import FP32_TOL, rel_err
 from helpers import jax_mufun_from_torch, random_mel
 from mufun_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX as AUDIO, RunSettings, preset
 from mufun_jax.splice import SpliceSample, collate, expand_placeholders
-from torch_reference import TorchMuFun
+from mufun_jax.testing.torch_reference import TorchMuFun
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import SMALL_MODEL, tiny_train_data
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Several processes joined by jax.distributed, each compiling: `make test-all` only.
@@ -163,8 +165,6 @@ PREEMPT_WORKER = textwrap.dedent(r"""
 def test_preemption_notice_on_one_host_saves_the_same_step_on_both(tmp_path):
     """Two processes train together; one gets SIGTERM after step 2. Both save the same step (the one
     JAX's preemption service agrees on), commit it, and exit with status 75."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from helpers import SMALL_MODEL, tiny_train_data
 
     data = tiny_train_data(tmp_path)
     out = tmp_path / "run"

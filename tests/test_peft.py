@@ -29,7 +29,7 @@ from mufun_jax.convert import torch_to_flax
 from mufun_jax.peft_format import PREFIX, load_adapter
 from mufun_jax.splice import SpliceSample, collate
 from mufun_jax.train_config import TrainConfig
-from torch_reference import TorchMuFun
+from mufun_jax.testing.torch_reference import TorchMuFun
 
 TRAINABLE = {"whisper": "frozen", "connector": "full", "llm": "lora"}
 LORA = {"rank": 4, "alpha": 8.0, "dropout": 0.05}

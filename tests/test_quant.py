@@ -25,7 +25,7 @@ from mufun_jax.models.lora import merge_params
 from mufun_jax.models.quant import dequantize_kernel, int8_quantize, nf4_quantize, param_bytes, quantize_params
 from mufun_jax import audio
 from mufun_jax.config import IMAGE_TOKEN_INDEX as AUDIO
-from torch_reference import TorchMuFun
+from mufun_jax.testing.torch_reference import TorchMuFun
 
 MAX_NEW = 8
 

@@ -12,7 +12,7 @@ from conftest import FP32_TOL, rel_err
 from mufun_jax.config import preset
 from mufun_jax.convert import load_params, torch_to_flax
 from mufun_jax.models import KVCache, Qwen3ForCausalLM
-from torch_reference import hf_qwen3
+from mufun_jax.testing.torch_reference import hf_qwen3
 
 
 def build(tied: bool, seed: int = 0):

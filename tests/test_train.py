@@ -16,7 +16,7 @@ from mufun_jax.splice import expand_placeholders
 from mufun_jax.train_config import TrainConfig
 from mufun_jax.loss import fused_nll_sums, loss_sums, nll_sums, next_token_targets
 from mufun_jax.train_lib import Trainer
-from torch_reference import TorchMuFun
+from mufun_jax.testing.torch_reference import TorchMuFun
 
 def as_jnp(batch):
     return {k: jnp.asarray(v) for k, v in batch.items() if k != "sample_ids"}

@@ -150,7 +150,7 @@ def test_warmup_result_initialises_the_full_stage(tiny_data, tmp_path):
 def test_init_from_a_converted_checkpoint(tiny_data, tmp_path, torch_threads):
     """A PyTorch checkpoint -> convert_weights import -> train init_from: the weights arrive intact."""
     from mufun_jax.weights import import_checkpoint
-    from torch_reference import TorchMuFun
+    from mufun_jax.testing.torch_reference import TorchMuFun
 
     cfg = small_cfg()
     ref = TorchMuFun(cfg, seed=5)

@@ -16,10 +16,8 @@ SCRIPT = textwrap.dedent(r"""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     os.environ["JAX_PLATFORMS"] = "cpu"
-    import sys
     import jax, numpy as np
     jax.config.update("jax_default_matmul_precision", "highest")
-    sys.path.insert(0, "tests")
     from helpers import make_samples, small_cfg
     from mufun_jax.data.packing import PackConfig, pack_batches
     from mufun_jax.sharding import make_mesh
@@ -100,7 +98,9 @@ SCRIPT = textwrap.dedent(r"""
 
 @pytest.mark.slow  # a 4-device subprocess; test_sharding keeps sharded-vs-single parity in the quick tier
 def test_sharded_train_steps_equal_single_device():
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    # the script imports tests/helpers.py: the repository and tests/ go on its PYTHONPATH
+    path = [str(ROOT), str(ROOT / "tests")] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     print(r.stdout)
     assert r.returncode == 0 and "SHARDED_TRAIN_OK" in r.stdout, r.stdout + r.stderr[-4000:]

@@ -9,7 +9,7 @@ from flax import nnx
 from conftest import FP32_TOL, rel_err
 from helpers import jax_mufun_from_torch, random_mel
 from mufun_jax.config import MuFunConfig, WhisperConfig, preset
-from torch_reference import TorchMuFun
+from mufun_jax.testing.torch_reference import TorchMuFun
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ from mufun_jax.config import preset, resolve_model
 from mufun_jax.errors import CheckpointError
 from mufun_jax.run_settings import RunSettings
 from mufun_jax.aot.hlo import hlo_flops
+from mufun_jax.sampling import SamplingParams
 from mufun_jax.aot.topology import GiB, Topology, quiet_stderr, get_topology, topology_mesh
 
 
@@ -287,16 +288,17 @@ def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tok
     def decode_fn(st, cache, *a):
         return generate.decode_chunk(merge(st), cache, *a, decode_steps)
 
-    f32, i32, u32 = jnp.float32, jnp.int32, jnp.uint32
+    i32 = jnp.int32
     per = lambda n, dt: rows((n,), dt)
-    sampling = lambda n: (per(n, u32), per(n, f32), per(n, i32), per(n, f32))
+    # per-row sampling settings, shaped as the engine's (SamplingParams.rows)
+    sampling = lambda n: jax.tree.map(lambda x: rows(x.shape, x.dtype), SamplingParams.rows([SamplingParams()] * n))
     steps = [
         ("prefix", jax.jit(prefix_fn), (state, rows((p, context)), rows((p, context)), waves)),
         ("prefill", jax.jit(prefill_fn, donate_argnums=1),
-         (state, cache, per(p, i32), prefix, per(p, i32), rows((p, suffix_len)), per(p, i32), *sampling(p))),
+         (state, cache, per(p, i32), prefix, per(p, i32), rows((p, suffix_len)), per(p, i32), sampling(p))),
         ("decode", jax.jit(decode_fn, donate_argnums=1),
          (state, cache, per(batch, i32), per(batch, i32), per(batch, jnp.bool_), per(batch, i32), per(batch, i32),
-          *sampling(batch), jax.ShapeDtypeStruct((8,), i32))),
+          sampling(batch))),
     ]
     out = []
     for step, jitted, args in steps:

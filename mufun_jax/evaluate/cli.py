@@ -67,6 +67,9 @@ def build_parser() -> ArgumentParser:
     ap.add_argument("--shard", default=None, metavar="I/N", help="every N-th item from the I-th, into "
                     "answers.shard-I-of-N.jsonl; then run with --merge")
     ap.add_argument("--merge", action="store_true", help="join the shards' answers and write the reports")
+    ap.add_argument("--answers-format", choices=("jsonl", "csv", "parquet"), default="jsonl",
+                    help="the answers file: answers.jsonl, answers.csv or answers.parquet (each resumable; shards "
+                         "and --merge use jsonl)")
     ap.add_argument("--retry-errors", action="store_true", default=True, help="on resume, ask error items again")
     ap.add_argument("--no-retry-errors", dest="retry_errors", action="store_false")
     ap.add_argument("--no-progress", action="store_true")
@@ -95,6 +98,8 @@ def main(argv=None) -> int:
         extra = None if args.extractor_extra_body is None else json.loads(args.extractor_extra_body)
         if extra is not None and not isinstance(extra, dict):
             raise ValueError(f"--extractor-extra-body {args.extractor_extra_body!r} must be a JSON object")
+        if args.answers_format != "jsonl" and (shard is not None or args.merge):
+            raise ValueError(f"--answers-format {args.answers_format}: --shard and --merge use jsonl")
         sources = data_lib.load_subsets(args.data, args.subsets)
     except json.JSONDecodeError as e:
         return _fail(f"--extractor-extra-body is not JSON ({e})")
@@ -140,7 +145,7 @@ def main(argv=None) -> int:
 
     try:
         out = run_lib.evaluate([(n, loader(p, a)) for n, p, a in specs], sources, args.out, settings=settings,
-                               shard=shard, retry_errors=args.retry_errors)
+                               shard=shard, retry_errors=args.retry_errors, answers_format=args.answers_format)
     except (ResultsFileError, CheckpointError, OSError) as e:
         return _fail(str(e))
     except ValueError as e:  # duplicate ids, a bad template or setting

@@ -9,10 +9,11 @@ engine's audio cache keys them like files, and the decode path is the file path 
 option as written in ``choices_text`` (``"A. Rock"``) after the same prompt and takes the argmax
 of the summed log-probabilities.
 
-Resume and shards reuse :mod:`mufun_jax.outputs`: the answers file is a ResultsFile keyed by
-(model, id), so a killed run started again skips what is on disk; ``--shard I/N`` takes every N-th
-item (over all subsets in order) into ``answers.shard-I-of-N.jsonl``, and ``--merge`` joins the
-shards into ``answers.jsonl`` (refusing if an item is missing) and writes the reports.
+Resume and shards reuse :mod:`mufun_jax.outputs`: the answers file is a results writer keyed by
+(model, id) (``answers.jsonl``, or ``.csv`` / ``.parquet`` with ``answers_format``), so a killed run
+started again skips what is on disk; ``--shard I/N`` takes every N-th item (over all subsets in
+order) into ``answers.shard-I-of-N.jsonl``, and ``--merge`` joins the shards into ``answers.jsonl``
+(refusing if an item is missing) and writes the reports.
 """
 
 from __future__ import annotations
@@ -30,25 +31,19 @@ from typing import Any, Callable, Sequence
 from mufun_jax.evaluate.data import Item, Source
 from mufun_jax.evaluate.extract import ExtractorError, regex_extract
 from mufun_jax.evaluate.scoring import summarize, write_reports
-from mufun_jax.outputs import ResultsFile, _key, shard_path
+from mufun_jax.outputs import RecordKind, ResultsWriter, _key, open_results, shard_path
 
 log = logging.getLogger(__name__)
 MODES = ("generate", "likelihood", "both")
 
 
-class AnswersFile(ResultsFile):
-    """``answers.jsonl``: one record per (model, item), resumable like infer.py's output."""
+ANSWERS = RecordKind("mufun-eval", ("model", "id"), ("pred_choice", "error"))  # one record per (model, item)
+FORMATS = ("jsonl", "csv", "parquet")
 
-    tool = "mufun-eval"
-    record_shape = "an object with 'id', 'model' and 'pred_choice' or 'error'"
 
-    @staticmethod
-    def key_of(rec: dict) -> str:
-        return _key([rec.get("model"), rec.get("id")])
-
-    @staticmethod
-    def is_record(rec) -> bool:
-        return isinstance(rec, dict) and "id" in rec and "model" in rec and ("pred_choice" in rec or "error" in rec)
+def answers_file(path, *, retry_errors: bool = True) -> ResultsWriter:
+    """The answers file at ``path`` (its suffix picks the format), resumable like infer.py's output."""
+    return open_results(path, retry_errors=retry_errors, kind=ANSWERS)
 
 
 @dataclasses.dataclass
@@ -202,8 +197,9 @@ def _items_at(src: Source, indices: list[int]) -> list[Item]:
 
 def evaluate(models: Sequence[tuple[str, Callable[[], Any] | Any]], sources: dict[str, Source], out_dir, *,
              settings: Settings | None = None, shard: tuple[int, int] | None = None,
-             retry_errors: bool = True) -> dict:
-    """Answer every planned item with every model into ``out_dir/answers.jsonl`` (or its shard).
+             retry_errors: bool = True, answers_format: str = "jsonl") -> dict:
+    """Answer every planned item with every model into ``out_dir/answers.jsonl`` (or its shard;
+    ``answers_format`` csv / parquet: ``answers.csv`` / ``answers.parquet``).
     ``models`` are (name, MuFun or a zero-argument loader); loaders run one at a time. Returns
     ``{"records": [...this run's planned records, in plan order], "results": results.json or None
     (shards), "errors": n}``; unsharded runs also write results.json/.md/.png."""
@@ -215,7 +211,7 @@ def evaluate(models: Sequence[tuple[str, Callable[[], Any] | Any]], sources: dic
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     items = plan(sources, shard)
-    answers = AnswersFile(shard_path(out_dir / "answers.jsonl", shard), retry_errors=retry_errors)
+    answers = answers_file(shard_path(out_dir / f"answers.{answers_format}", shard), retry_errors=retry_errors)
     names = [n for n, _ in models]
     try:
         for name, model in models:
@@ -270,7 +266,7 @@ def merge(names: Sequence[str], sources: dict[str, Source], out_dir, mode: str =
         raise ValueError(f"{out_dir}: shards {sorted(set(range(n)) - have)} of {n} are missing")
     done = {}
     for p in shards:
-        done.update(AnswersFile(p, retry_errors=False).done)
+        done.update(answers_file(p, retry_errors=False).done)
     keys = [(m, rid) for m in names for _, _, rid in plan(sources)]
     missing = [k for k in keys if _key(list(k)) not in done]
     if missing:

@@ -21,6 +21,8 @@ import json
 import time
 from pathlib import Path
 
+from .rows import row, stats
+
 
 SHORT = ["What genre is this?", "What is the mood of this song?", "Which instruments play?"]
 LONG = "Transcribe the lyrics."
@@ -93,7 +95,7 @@ def ours_op(model, tok, wd: Path, s, buckets) -> tuple[dict, float]:
     return {"tag": run}, first
 
 
-def rows(res: dict, row, stats) -> tuple[list[dict], dict]:
+def rows(res: dict) -> tuple[list[dict], dict]:
     """The result rows (answers/s and tokens/s, ours against each reference system) and the
     ``inference_tagging`` summary for results.json."""
     t, meta = res["times"], res["meta"]

@@ -1,5 +1,10 @@
-"""PyTorch reference for the parity tests: HF transformers modules composed exactly the way
-the MuFun/TinyLLaVA code composes them. Test-only; the package never imports torch."""
+"""PyTorch reference for the parity tests and the benchmarks: HF transformers modules composed
+exactly the way the MuFun/TinyLLaVA code composes them.
+
+It lives in the package (not in tests/) so that tests/ and bench/ both import it as
+``mufun_jax.testing.torch_reference`` without editing ``sys.path``. It imports torch at module
+level on purpose: only tests and benchmarks import this module (torch is a test extra), and no
+other module of the package imports it, so the package itself never needs torch."""
 
 from __future__ import annotations
 
@@ -10,7 +15,11 @@ import torch
 import transformers
 from torch import nn
 
+from flax import nnx
+
 from mufun_jax.config import IMAGE_TOKEN_INDEX, MuFunConfig, Qwen3Config, WhisperConfig, parse_connector_type
+from mufun_jax.convert import load_params, torch_to_flax
+from mufun_jax.models import MuFun
 
 
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
@@ -141,3 +150,10 @@ class TorchMuFun(nn.Module):
         if self.cfg.qwen3.tie_word_embeddings:
             sd.pop("language_model.lm_head.weight", None)
         return sd
+
+
+def jax_mufun_from_torch(ref: TorchMuFun, cfg: MuFunConfig, run=None) -> MuFun:
+    """A JAX MuFun whose weights come from the torch reference through the converter's mapping."""
+    model = MuFun(cfg, run, rngs=nnx.Rngs(123))
+    load_params(model, torch_to_flax(ref.combined_state_dict(), cfg))
+    return model
