@@ -1,6 +1,7 @@
 """JAX/Flax NNX reimplementation of MuFun (Whisper-large-v3 -> blp_4i_2x -> Qwen3-8B-Base)."""
 
-from mufun_jax.config import ConnectorConfig, MuFunConfig, Qwen3Config, RunSettings, WhisperConfig, preset
+from mufun_jax.config import ConnectorConfig, MuFunConfig, Qwen3Config, WhisperConfig, preset
+from mufun_jax.run_settings import RunSettings
 
 __version__ = "0.1.0"
 

@@ -122,9 +122,9 @@ class MuFun:
         constructor."""
         import jax
 
-        from mufun_jax.checkpoint import load_model
-        from mufun_jax.config import RunSettings
         from mufun_jax.data.dataset import dataset_tokenizer
+        from mufun_jax.loading import load_model
+        from mufun_jax.run_settings import RunSettings
 
         path = Path(path)
         dtype = _dtype_name(dtype) or ("float32" if jax.default_backend() == "cpu" else "bfloat16")

@@ -19,24 +19,31 @@ Plain per-parameter arrays let the converter stream one parameter at a time, and
 read one layer of a stacked parameter at a time. Writes go to a hidden sibling that is renamed
 into place only when complete, so an interrupted run never leaves something that looks valid.
 
-:func:`load_model` is the one loader: it builds the module abstractly (no random init) and reads
-each parameter straight into its dtype and sharding, from a model directory or, through
-:func:`mufun_jax.weights.stream_torch_params`, from a PyTorch MuFun checkpoint.
+:func:`load_params` reads parameters straight into the dtype and sharding of an abstract tree;
+assembling a model from them (or from a PyTorch checkpoint, an adapter, quantisation and a mesh)
+is :mod:`mufun_jax.loading`'s job, one floor up.
+
+jax, Orbax and TensorStore are imported inside the functions that use them: the training config
+reads a model directory's config through this module before a CLI has chosen its platform
+(``JAX_PLATFORMS`` is read once, when jax is first imported), and the converter's CLI stays quick.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import logging
 import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 
-from mufun_jax.config import MuFunConfig, RunSettings
-from mufun_jax.torch_files import CheckpointError
+from mufun_jax.config import MuFunConfig
+from mufun_jax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +58,7 @@ ParamPath = tuple[str, ...]
 def location(path):
     """A local path made absolute (Orbax needs it), or a ``gs://...`` URL as an ``epath.Path``."""
     if "://" in str(path):
-        from etils import epath
+        from etils import epath  # only for gs:// URLs
 
         return epath.Path(str(path))
     return Path(path).resolve()
@@ -93,7 +100,7 @@ def _orbax():
     """Our save options, with Orbax's OCDBT notices filtered. Measured on a 2 GB leaf: the defaults
     (OCDBT, defensive host copy) add ~4.2 GB of peak RSS; plain zarr3 per leaf, no host copy and
     16 MB chunks add ~0.45 GB, and write at over 1 GB/s. Weights do not compress."""
-    import orbax.checkpoint.experimental.v1 as ocp
+    import orbax.checkpoint.experimental.v1 as ocp  # heavy; imports jax (see the module docstring)
 
     ctx = ocp.Context()
     ctx.array.saving.use_ocdbt = False
@@ -123,10 +130,10 @@ def _nest(path: ParamPath, value) -> dict:
 
 
 def _sync(name: str) -> None:
-    import jax
+    import jax  # on first use (see the module docstring)
 
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+        from jax.experimental import multihost_utils  # as jax above
 
         multihost_utils.sync_global_devices(name)
 
@@ -137,7 +144,7 @@ def save_model(dst, cfg: MuFunConfig, params: Mapping | Iterable[tuple[ParamPath
     possibly sharded over hosts: every process calls this) or an iterator of ``(path, array)`` that
     is saved one parameter at a time (the converter's streaming import). ``tokenizer`` (an HF
     tokenizer) or ``tokenizer_dir`` (its files are copied) adds the tokenizer."""
-    import jax
+    import jax  # on first use (see the module docstring)
 
     dst = location(dst)
     tmp = dst.parent / f".{dst.name}.tmp"
@@ -195,8 +202,6 @@ def _write_tokenizer(dst, tokenizer, tokenizer_dir) -> None:
             if (Path(tokenizer_dir) / name).exists():
                 (dst / name).write_bytes((Path(tokenizer_dir) / name).read_bytes())
     if tokenizer is not None:
-        import tempfile
-
         with tempfile.TemporaryDirectory() as local:  # save_pretrained wants a local folder; dst may be gs://
             tokenizer.save_pretrained(local)
             for f in Path(local).iterdir():
@@ -207,8 +212,6 @@ def _release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc keeps them in per-thread arenas, which after a
     few 100 MB tensors read on TensorStore's threads added ~1.5 GB to the converter's peak RSS)."""
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to do
         pass
@@ -220,7 +223,7 @@ def _release_freed_memory() -> None:
 def param_metadata(path) -> dict[ParamPath, tuple[tuple[int, ...], np.dtype]]:
     """Shape and dtype of every stored parameter, without reading any. A parameter whose files are
     gone or damaged raises CheckpointError naming it (Orbax itself then reports an empty tree)."""
-    import jax
+    import jax  # on first use (see the module docstring)
 
     try:
         with _orbax() as ocp:
@@ -248,8 +251,6 @@ def _quiet_abandoned_reads() -> None:
     """After a failed load, Orbax's other reads are abandoned: their coroutines and TensorStore's
     callbacks into its closed event loop each print a traceback ("Event loop is closed") through
     ``sys.unraisablehook``, hundreds of lines under the one error that matters. Drop those two kinds."""
-    import sys
-
     previous = sys.unraisablehook
     if getattr(previous, "_mufun_quiet", False):
         return
@@ -309,7 +310,7 @@ def load_params(path, abstract: Mapping | None = None) -> dict:
     shardings): each is read straight into its dtype and placement. Stored parameters that
     ``abstract`` lacks are not read; missing ones and shape mismatches raise CheckpointError.
     Without ``abstract``: every parameter, as stored, on the default device."""
-    import jax
+    import jax  # on first use (see the module docstring)
 
     meta = param_metadata(path)
     if abstract is None:
@@ -351,7 +352,7 @@ def _drop_placeholders(tree, placeholder):
 def _zarr_leaf(path, name: ParamPath):
     """The TensorStore array of one parameter (this layout keeps each as its own zarr3 array);
     None for other layouts, e.g. the OCDBT directories that older training exports wrote."""
-    import tensorstore as ts
+    import tensorstore as ts  # heavy, and only this direct read needs it
 
     leaf = location(path) / PARAMS_DIR / "state" / ".".join(name)
     if not isinstance(leaf, Path) or not (leaf / "zarr.json").exists():
@@ -361,7 +362,7 @@ def _zarr_leaf(path, name: ParamPath):
 
 def read_param(path, name: ParamPath, meta=None) -> np.ndarray:
     """One parameter as a host numpy array (the rest of the checkpoint is not read)."""
-    import jax
+    import jax  # on first use (see the module docstring)
 
     arr = _zarr_leaf(path, name)
     if arr is not None:
@@ -383,113 +384,3 @@ def iter_layers(path, name: ParamPath, meta=None) -> Iterator[np.ndarray]:
         return
     for i in range(arr.shape[0]):
         yield np.asarray(arr[i].read().result())
-
-
-# -- the model ----------------------------------------------------------------------------------
-
-
-def abstract_model(cfg: MuFunConfig, run: RunSettings | None = None):
-    """The MuFun module with shapes only (no memory, no random init)."""
-    from flax import nnx
-
-    from mufun_jax.models import MuFun
-
-    return nnx.eval_shape(lambda: MuFun(cfg, run, rngs=nnx.Rngs(0)))
-
-
-def abstract_params(model, mesh=None) -> dict:
-    """``jax.ShapeDtypeStruct`` per variable (nested like ``nnx.to_pure_dict``), sharded over
-    ``mesh`` by the logical axes, or on the default device."""
-    import jax
-    from flax import nnx
-
-    state = nnx.to_pure_dict(nnx.state(model))
-    if mesh is None:
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=dev), state)
-    from mufun_jax.sharding import param_shardings
-
-    return jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state,
-                        nnx.to_pure_dict(param_shardings(model, mesh)))
-
-
-def _host():
-    """A one-device mesh on the host CPU: where float weights wait to be quantised."""
-    import jax
-
-    from mufun_jax.sharding import make_mesh
-
-    return make_mesh(1, 1, 1, devices=jax.devices("cpu")[:1])
-
-
-def quantize_model(host_model, run: RunSettings, mesh=None):
-    """``host_model`` (float weights, best in host memory) quantised as ``run`` says (leaf by leaf
-    on the host CPU), placed on ``mesh`` (default: the default device)."""
-    import jax
-    from flax import nnx
-
-    from mufun_jax.models.quant import quantize_params
-
-    model = abstract_model(host_model.cfg, run)
-    graphdef, state = nnx.split(model)
-    target = _flat(abstract_params(model, mesh))
-    with jax.default_device(jax.devices("cpu")[0]):
-        quantized = _flat(quantize_params(nnx.to_pure_dict(nnx.state(host_model)), nnx.to_pure_dict(state)))
-    del host_model
-    params = {}
-    for p, leaf in quantized.items():  # one leaf at a time onto the devices
-        node = params
-        for k in p[:-1]:
-            node = node.setdefault(k, {})
-        node[p[-1]] = jax.device_put(leaf, target[p].sharding)
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)
-
-
-def load_model(path, run: RunSettings | None = None, *, mesh=None, adapter=None):
-    """A :class:`mufun_jax.models.MuFun` with the weights of a model directory or of a PyTorch
-    MuFun checkpoint (the released combined layout or the per-component folders, converted one
-    tensor at a time). ``run`` sets dtypes, remat, attention backend and quantisation (default
-    RunSettings()). ``adapter``: a PEFT LoRA adapter directory merged into the weights (before
-    any quantisation).
-    Nothing is randomly initialised: every parameter is read, cast and placed once."""
-    import jax
-    from flax import nnx
-
-    from mufun_jax import weights
-
-    path = Path(path) if "://" not in str(path) else path
-    if has_model(path):
-        cfg, sources = load_config(path), None
-    else:
-        if isinstance(path, Path) and not path.is_dir():
-            raise FileNotFoundError(f"{path}: no such directory")
-        try:
-            cfg, sources, _ = weights.open_source(path)
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: neither a MuFun model directory ({CONFIG_NAME} + {PARAMS_DIR}/) nor a "
-                                  f"PyTorch MuFun checkpoint: {e}") from e
-    run = run or RunSettings()
-    if run.quantize or adapter is not None:  # float weights first (in host memory when they are to be quantised)
-        model = load_model(path, run.replace(quantize=None), mesh=_host() if run.quantize else mesh)
-        if adapter is not None:
-            from mufun_jax.peft_format import load_adapter
-
-            load_adapter(model, adapter)
-        return quantize_model(model, run, mesh) if run.quantize else model
-    model = abstract_model(cfg, run)
-    graphdef, state = nnx.split(model)
-    abstract = abstract_params(model, mesh)
-    if sources is None:
-        params = load_params(path, abstract)
-    else:
-        want = _flat(abstract)
-        params = {}
-        for p, host in weights.stream_torch_params(cfg, sources):
-            node = params
-            for k in p[:-1]:
-                node = node.setdefault(k, {})
-            node[p[-1]] = jax.device_put(host.astype(want[p].dtype, copy=False), want[p].sharding)
-            del host
-    nnx.replace_by_pure_dict(state, params)
-    return nnx.merge(graphdef, state)

@@ -14,106 +14,14 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable
 
+# the plumbing every CLI shares lives in cli_base, so that lower CLIs need not import this module;
+# tagging, evaluation and the tests still import it from here
+from mufun_jax.cli_base import (ArgumentParser, DefaultsHelpFormatter, add_common, invoked_as, run_cli,  # noqa: F401
+                                setup_logging)
 from mufun_jax.compile_cache import enable_compile_cache
 from mufun_jax.errors import EXIT_PREEMPTED
 
-
-EXIT_USAGE = 2  # bad input: the one-line error of run_cli, argparse's usage errors
-
-
-def invoked_as(*names: str) -> str:
-    """The program name for usage lines and errors: the name this process was started as when it is
-    one of ``names`` (``mufun-train`` and ``train.py`` are the same CLI), else ``names[0]`` (e.g.
-    in-process calls from tests, where ``sys.argv[0]`` is pytest)."""
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return name if name in names else names[0]
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as one line: OSErrors as ``PATH: reason``, multi-line messages (YAML's
-    marks, Orbax's shape dumps) joined, very long ones cut."""
-    if isinstance(e, OSError) and e.strerror and e.filename is not None:
-        text = f"{e.filename}: {e.strerror}" + (f" -> {e.filename2}" if e.filename2 is not None else "")
-    else:
-        text = str(e) or type(e).__name__
-    text = " ".join(part.strip() for part in text.splitlines() if part.strip())
-    return text if len(text) <= 2000 else text[:2000] + " ..."
-
-
-def expected_errors() -> tuple[type[BaseException], ...]:
-    """Failures that are the input's fault, not a bug: I/O errors, bad YAML, bad values (InputError
-    and CheckpointError are ValueErrors), corrupt JSON (a ValueError too)."""
-    import yaml
-
-    from mufun_jax.errors import InputError
-    from mufun_jax.torch_files import CheckpointError
-
-    return (OSError, yaml.YAMLError, ValueError, InputError, CheckpointError)
-
-
-def run_cli(prog: str, main: Callable[[], int], debug: bool) -> int:
-    """Run a CLI's ``main`` and return its exit status. An expected failure (:func:`expected_errors`)
-    becomes ``PROG: error: MESSAGE`` on stderr and status 2, instead of a traceback that hides the
-    one line that matters; with ``debug`` it propagates, traceback and all. Anything else (a bug)
-    always propagates."""
-    try:
-        return main()
-    except expected_errors() as e:
-        if debug:
-            raise
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_USAGE
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """``argparse`` with one flag style: a ``--snake_case`` spelling of a known ``--kebab-case``
-    option is read as that option, without showing up in ``--help``."""
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        known = {o for a in self._actions for o in a.option_strings}
-        for sp in self._subparsers._group_actions if self._subparsers else ():
-            for p in sp.choices.values():
-                known |= {o for a in p._actions for o in a.option_strings}
-        out = []
-        for a in args:
-            name, eq, value = str(a).partition("=")
-            if name.startswith("--") and "_" in name and name.replace("_", "-") in known:
-                a = name.replace("_", "-") + eq + value
-            out.append(a)
-        return super().parse_known_args(out, namespace)
-
-
-class DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Shows each option's default in ``--help`` where it has one worth showing (not None/False)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if ("%(default)" not in text and action.default not in (None, False, argparse.SUPPRESS)
-                and action.option_strings and "default" not in text):
-            text += " (default: %(default)s)"
-        return text
-
-
-def add_common(ap: argparse.ArgumentParser, progress: bool = True) -> None:
-    """The flags every CLI shares: ``--debug`` and (where there is a bar) ``--no-progress``."""
-    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    if progress:
-        ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def setup_logging() -> None:
-    """Our INFO lines; warnings only from other libraries (Orbax logs every file at INFO)."""
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mufun_jax").setLevel(logging.INFO)  # ours, without Orbax's per-file INFO lines
-    try:
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.WARNING)
-    except ImportError:
-        pass
 
 
 def train_main(argv=None) -> int:
@@ -231,7 +139,7 @@ def _convert(args) -> int:
         export_checkpoint(*args.paths, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
                           overwrite=args.overwrite, progress=not args.no_progress)
     else:
-        from mufun_jax.peft_format import export_adapter
+        from mufun_jax.peft_export import export_adapter
 
         export_adapter(*args.paths, merge=args.merge, dtype=args.dtype, max_shard_gb=args.max_shard_gb,
                        overwrite=args.overwrite, progress=not args.no_progress)

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 from typing import Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from mufun_jax.config import MuFunConfig, parse_connector_type
@@ -138,7 +139,6 @@ def to_numpy(t) -> np.ndarray:
         return t
     if hasattr(t, "detach"):  # a torch tensor; torch is importable because the caller has one
         import torch
-        import ml_dtypes
 
         t = t.detach().cpu().contiguous()
         if t.dtype == torch.bfloat16:
@@ -261,7 +261,7 @@ def flax_to_torch(params: Mapping[Path, np.ndarray], cfg: MuFunConfig, component
 
 def get_params(module) -> dict[Path, np.ndarray]:
     """Every variable of an nnx module (parameters and frozen weights) as flat numpy arrays."""
-    from flax import nnx
+    from flax import nnx  # jax only here: the mapping tables and torch_files stay importable without it
 
     return {tuple(str(p) for p in path): np.asarray(v[...]) for path, v in nnx.iter_graph(module)
             if isinstance(v, nnx.Variable)}
@@ -269,7 +269,7 @@ def get_params(module) -> dict[Path, np.ndarray]:
 
 def load_params(module, params: Mapping[Path, np.ndarray], *, strict: bool = True) -> None:
     """Assign flat arrays into an nnx module in place, keeping each variable's dtype; shapes must match."""
-    import jax.numpy as jnp
+    import jax.numpy as jnp  # as in get_params
     from flax import nnx
 
     seen = set()

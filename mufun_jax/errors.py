@@ -1,4 +1,6 @@
-"""The one exception base for bad input that a run counts and skips rather than crashes on."""
+"""The project's own exceptions and exit codes, in one low module that every layer may import:
+bad input that a run counts and skips (:class:`InputError`) and a checkpoint that cannot be read
+as what it claims to be (:class:`CheckpointError`)."""
 
 from __future__ import annotations
 
@@ -13,3 +15,7 @@ class InputError(ValueError):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
         self.reason = reason
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder that cannot be read as what it claims to be."""

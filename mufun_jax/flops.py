@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-MODULES = ("whisper", "connector", "llm")
+from mufun_jax.run_settings import MODULES
 
 
 def whisper_layers_run(cfg) -> int:

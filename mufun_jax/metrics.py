@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,7 @@ def plot_runs(run_dirs, out, *, names=None, accuracy: dict | None = None, title:
     step axis (e.g. the demo's warmup then full stage); with ``accuracy`` ({task: (right, total)})
     a bar chart beside it. Written atomically; returns the path. A run without any loss value is an
     error (ValueError) and nothing is written: an empty plot would look like a result."""
-    import os
-
-    import matplotlib
+    import matplotlib  # heavy; only the plot needs it
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt

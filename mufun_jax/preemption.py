@@ -6,10 +6,13 @@ running the same command again resumes."""
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 log = logging.getLogger("mufun_jax.train_lib")  # the training log's name, which users filter on
 
@@ -23,9 +26,6 @@ class PreemptionWatch:
     killed anyway, Orbax's atomic commit leaves the previous checkpoint as the newest."""
 
     def __init__(self):
-        import signal
-        import threading
-
         self.signal_at: float | None = None
         self._old = None
         self.jax_service = (jax.process_count() > 1 and jax.distributed.is_initialized()
@@ -46,22 +46,16 @@ class PreemptionWatch:
     def reached(self, step: int) -> bool:
         """Whether to save and stop after ``step``; every host must call it at every step."""
         if self.jax_service:
-            from jax.experimental import multihost_utils
-
             hit = multihost_utils.reached_preemption_sync_point(step)
             if hit and self.signal_at is None:
                 self.signal_at = time.perf_counter()
             return hit
         if jax.process_count() > 1:  # no preemption service: agree on the flag explicitly
-            from jax.experimental import multihost_utils
-
             return bool(np.max(multihost_utils.process_allgather(np.int32(self.signal_at is not None))))
         return self.signal_at is not None
 
     def close(self) -> None:
         if self._old is not None:
-            import signal
-
             signal.signal(signal.SIGTERM, self._old)
             self._old = None
 
@@ -74,8 +68,6 @@ class GracefulStop:
         self.requested = None
 
     def __enter__(self):
-        import signal
-
         def handler(signum, frame):
             if self.requested:  # a second signal while stopping: leave now (the file stays valid)
                 raise KeyboardInterrupt
@@ -85,7 +77,5 @@ class GracefulStop:
         return self
 
     def __exit__(self, *exc):
-        import signal
-
         signal.signal(signal.SIGTERM, self._old)
         return False

@@ -18,8 +18,12 @@ import json
 import logging
 from pathlib import Path
 
-from mufun_jax.config import MODULES, LoraConfig, MuFunConfig
-from mufun_jax.torch_files import CheckpointError
+import orbax.checkpoint as ocp
+
+from mufun_jax.checkpoint import location
+from mufun_jax.config import MuFunConfig
+from mufun_jax.run_settings import MODULES, LoraConfig
+from mufun_jax.errors import CheckpointError
 from mufun_jax.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -45,7 +49,7 @@ def check_inputs(cfg: TrainConfig) -> None:
 
 def newest_step(output_dir) -> int | None:
     """The newest checkpoint step saved under ``output_dir`` (Orbax's ``checkpoints/<step>``), or None."""
-    ckpts = epath(output_dir) / "checkpoints"
+    ckpts = location(output_dir) / "checkpoints"
     if not ckpts.is_dir():
         return None
     steps = [int(p.name) for p in ckpts.iterdir() if p.name.isdigit()]
@@ -88,7 +92,7 @@ def check_resume(cfg: TrainConfig, force: bool = False) -> int | None:
     step = newest_step(cfg.output_dir)
     if step is None:
         return None
-    saved_file = epath(cfg.output_dir) / CONFIG_FILE
+    saved_file = location(cfg.output_dir) / CONFIG_FILE
     if not saved_file.exists():
         log.warning("%s has checkpoints but no %s: cannot check that they match this config", cfg.output_dir,
                     CONFIG_FILE)
@@ -117,7 +121,7 @@ def prepare(cfg: TrainConfig, *, force: bool = False, write: bool = True):
     by :func:`write_config` once the state is built: a ``--force`` resume that fails to restore
     leaves the saved config, the record of what the checkpoints are, as it was."""
     check_resume(cfg, force)
-    out = epath(cfg.output_dir)
+    out = location(cfg.output_dir)
     if write:
         out.mkdir(parents=True, exist_ok=True)
     return out
@@ -142,17 +146,13 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
 
 def train_checkpoint_manager(output_dir, keep: int, async_checkpointing: bool = True):
     """The Orbax manager of a training run's ``OUTPUT_DIR/checkpoints/<step>/``."""
-    import orbax.checkpoint as ocp
-
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_checkpointing,
                                            cleanup_tmp_directories=True, create=True)
-    return ocp.CheckpointManager(epath(output_dir) / "checkpoints", options=options)
+    return ocp.CheckpointManager(location(output_dir) / "checkpoints", options=options)
 
 
 def save_train_state(mngr, step: int, state: dict, loader_state: dict) -> None:
     """The state without its frozen parameters (they never change: see ``Trainer.init_frozen``)."""
-    import orbax.checkpoint as ocp
-
     saved = {k: v for k, v in state.items() if k != "frozen"}
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved), data=ocp.args.JsonSave(loader_state)),
               force=True)
@@ -161,18 +161,9 @@ def save_train_state(mngr, step: int, state: dict, loader_state: dict) -> None:
 def restore_train_state(mngr, step: int, abstract_state: dict) -> tuple[dict, dict]:
     """The saved state and loader position of ``step``; a checkpoint that does not fit
     ``abstract_state`` (resumed with ``--force`` under another model) is a CheckpointError naming it."""
-    import orbax.checkpoint as ocp
-
     try:
         out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
                                                          data=ocp.args.JsonRestore()))
     except ValueError as e:
         raise CheckpointError(f"{mngr.directory / str(step)}: does not fit this config's train state: {e}") from e
     return out["state"], out["data"]
-
-
-def epath(p):
-    """A local path made absolute (Orbax requires it), or a ``gs://`` path as it is."""
-    from etils import epath as ep
-
-    return ep.Path(p if "://" in str(p) else Path(p).resolve())

@@ -18,16 +18,15 @@ from typing import Iterable, Iterator
 import ml_dtypes
 import numpy as np
 
+from mufun_jax.convert import to_numpy
+from mufun_jax.errors import CheckpointError  # noqa: F401 - its home is errors; some CLIs import it from here
+
 ST_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16),
 }
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file or folder that cannot be read as what it claims to be."""
 
 
 class SafetensorsFile:
@@ -91,7 +90,7 @@ class TorchBinFile:
     """A ``pytorch_model.bin`` read with ``weights_only=True`` (no pickle code runs) and mmap."""
 
     def __init__(self, path: str | Path):
-        import torch
+        import torch  # optional: only pytorch_model.bin files need it
 
         self.path = Path(path)
         try:
@@ -114,13 +113,11 @@ class TorchBinFile:
         return self._sd[key].element_size()
 
     def read(self, key: str) -> np.ndarray:
-        import torch
+        import torch  # as in __init__
 
         t = self._sd[key]
         if t.dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise CheckpointError(f"{self.path}: tensor {key!r} has unsupported dtype {t.dtype}")
-        from mufun_jax.convert import to_numpy
-
         return np.array(to_numpy(t))
 
 

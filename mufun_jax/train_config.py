@@ -20,7 +20,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from mufun_jax.config import MODULES, RUN_KEYS, LoraConfig, MuFunConfig, RunSettings, resolve_model
+from mufun_jax.checkpoint import has_model, load_config
+from mufun_jax.config import MuFunConfig, resolve_model
+from mufun_jax.run_settings import MODULES, RUN_KEYS, LoraConfig, RunSettings
 from mufun_jax.data.templates import TEMPLATES
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,13 @@ class DataConfig:
     seed: int = 0
     num_epochs: int | None = None  # None: repeat until max_steps
     worker_count: int = 0  # Grain worker processes for decoding and tokenising
+
+    def check_split(self, n: int, over: str) -> None:
+        """Rows and audio chunks are split evenly ``over`` something of size ``n`` (the hosts, the
+        data x fsdp devices): the one check, shared by training and the AOT compile."""
+        for name, v in (("data.batch_size", self.batch_size), ("data.max_chunks", self.max_chunks)):
+            if v % n:
+                raise ValueError(f"{name}={v} must be divisible by {over}")
 
 
 @dataclasses.dataclass
@@ -243,8 +252,6 @@ def resolve_model_config(model: Mapping[str, Any], init_from: str | None) -> MuF
             raise ValueError("give model.preset or init_from, not both (init_from carries its own config)")
         return resolve_model(name, model)
     if init_from:
-        from mufun_jax.checkpoint import has_model, load_config
-
         return resolve_model(load_config(init_from), model) if has_model(init_from) else None
     return MuFunConfig.from_dict(model) if model else None
 

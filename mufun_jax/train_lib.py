@@ -28,19 +28,24 @@ import optax
 from flax import nnx
 from flax.traverse_util import flatten_dict, unflatten_dict
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
 
-from mufun_jax import checkpoint, run_dir
-from mufun_jax.metrics import MetricsWriter
-from mufun_jax.config import MuFunConfig, RunSettings
+from mufun_jax import checkpoint, loading, run_dir
+from mufun_jax.config import MuFunConfig
+from mufun_jax.data.dataset import audio_root_for, dataset_tokenizer
+from mufun_jax.data.loader import Loader, LoaderConfig
+from mufun_jax.data.packing import PackConfig
 from mufun_jax.errors import EXIT_PREEMPTED
-from mufun_jax.models import MuFun
 from mufun_jax.loss import loss_sums
+from mufun_jax.metrics import MetricsWriter
+from mufun_jax.models import MuFun
 from mufun_jax.models.layers import FrozenParam
 from mufun_jax.models.lora import LoraParam, adapter_params, dropout_key, merge_params
 from mufun_jax.models.quant import quantize_params
 from mufun_jax.preemption import PreemptionWatch
+from mufun_jax.run_settings import MODULES, RunSettings
 from mufun_jax.sharding import make_mesh, param_shardings
-from mufun_jax.train_config import MODULES, TrainConfig
+from mufun_jax.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +120,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, model_cfg: MuFunConfig, mesh, run: RunSettings | None = None):
         self.cfg, self.model_cfg, self.mesh = cfg, model_cfg, mesh
         self.run = cfg.run if run is None else run
-        abstract = checkpoint.abstract_model(model_cfg, self.run)
+        abstract = loading.abstract_model(model_cfg, self.run)
         self.graphdef = nnx.graphdef(abstract)
         self.trainable = trainable_paths(abstract, cfg.trainable)
         self.tx = make_optimizer(cfg)
@@ -123,8 +128,7 @@ class Trainer:
         rep = NamedSharding(mesh, P())
         self.replicated = rep
         train_sh, frozen_sh = partition(nnx.to_pure_dict(param_shardings(abstract, mesh)), self.trainable)
-        abstract_params = nnx.to_pure_dict(nnx.state(abstract))
-        abstract_train, _ = partition(abstract_params, self.trainable)
+        abstract_train, _ = partition(nnx.to_pure_dict(nnx.state(abstract)), self.trainable)
         opt_abstract = jax.eval_shape(self.tx.init, abstract_train)
         opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, opt_abstract, train_sh,
                                        transform_non_params=lambda _: rep)
@@ -151,7 +155,7 @@ class Trainer:
             return jax.jit(lambda k: pick(init(k)), out_shardings=out_sh)(key)
         dt = jnp.dtype(self.run.param_dtype)
         plain = self.run.replace(lora=None, lora_modules=())
-        template = nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(self.model_cfg, plain)))
+        template = nnx.to_pure_dict(nnx.state(loading.abstract_model(self.model_cfg, plain)))
 
         def build(k, p):
             p = jax.tree.map(lambda a: a.astype(dt), p)
@@ -196,8 +200,8 @@ class Trainer:
 
     def abstract_init_params(self) -> dict:
         """The plain float tree that ``init_from`` is read as (no codes, no adapters)."""
-        model = checkpoint.abstract_model(self.model_cfg, self.run.replace(lora=None, lora_modules=(), quantize=None))
-        return checkpoint.abstract_params(model, self.mesh)
+        model = loading.abstract_model(self.model_cfg, self.run.replace(lora=None, lora_modules=(), quantize=None))
+        return loading.abstract_params(model, self.mesh)
 
     # steps -----------------------------------------------------------------------------------
 
@@ -306,21 +310,12 @@ def export_model(state: dict, model_cfg: MuFunConfig, tokenizer, dst, run: RunSe
 
 def make_loader(cfg: TrainConfig, model_cfg: MuFunConfig, tokenizer, mesh, *, eval: bool = False):
     """This host's loader. Rows and chunks are split over data x fsdp devices, then over hosts."""
-    from mufun_jax.data.dataset import audio_root_for
-    from mufun_jax.data.loader import Loader, LoaderConfig
-    from mufun_jax.data.packing import PackConfig
-
     d = cfg.data
     path = d.eval_dataset if eval else d.dataset
     n = jax.process_count()
-    for name, v in [("data.batch_size", d.batch_size), ("data.max_chunks", d.max_chunks)]:
-        if v % n:
-            raise ValueError(f"{name}={v} must be divisible by the number of hosts ({n})")
+    d.check_split(n, f"the number of hosts ({n})")
     devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    for name, v in [("data.batch_size", d.batch_size), ("data.max_chunks", d.max_chunks)]:
-        if v % devices:
-            raise ValueError(f"{name}={v} must be divisible by mesh data x fsdp = {devices} (rows and audio chunks "
-                             "are split over those devices)")
+    d.check_split(devices, f"mesh data x fsdp = {devices} (rows and audio chunks are split over those devices)")
     pack = PackConfig(batch_size=d.batch_size // n, seq_len=d.seq_len, max_chunks=d.max_chunks // n,
                       tokens_per_chunk=model_cfg.tokens_per_chunk, pack=d.pack, too_long=d.too_long,
                       pad_token_id=_pad_id(tokenizer))
@@ -371,10 +366,6 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
     """Run (or resume) training as configured; returns the last step's metrics. Nothing is written
     until the inputs are checked and ``output_dir``'s checkpoints are known to fit the config
     (:mod:`mufun_jax.run_dir`; ``force`` resumes checkpoints of another model or trainable set)."""
-    from tqdm.auto import tqdm
-
-    from mufun_jax.data.dataset import dataset_tokenizer
-
     maybe_initialize_distributed(cfg.distributed)
     run_dir.check_inputs(cfg)
     mesh = make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)

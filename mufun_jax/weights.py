@@ -3,7 +3,7 @@
 combined HF layout.
 
 Both directions stream: one torch tensor is read at a time and one stacked parameter is built at
-a time (:func:`stream_torch_params`, which :func:`mufun_jax.checkpoint.load_model` also uses to
+a time (:func:`stream_torch_params`, which :func:`mufun_jax.loading.load_model` also uses to
 load a PyTorch directory straight onto devices); export writes safetensors shards tensor by tensor.
 """
 
@@ -15,23 +15,28 @@ import logging
 import os
 import shutil
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterator
 
+import ml_dtypes
 import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
 
 from mufun_jax import checkpoint
 from mufun_jax.config import MuFunConfig
-from mufun_jax.convert import (COMBINED_PREFIX, COMPONENTS, FLAX_ROOT, Path as FlaxPath, Rule, normalize_keys,
-                               rules)
-from mufun_jax.torch_files import CheckpointError, open_folder, plan_shards, write_safetensors_shards
+from mufun_jax.convert import (COMBINED_PREFIX, COMPONENTS, FLAX_ROOT, Path as FlaxPath, Rule, get_params,
+                               normalize_keys, rules)
+from mufun_jax.errors import CheckpointError
+from mufun_jax.models import MuFun
+from mufun_jax.models.connector import Connector
+from mufun_jax.torch_files import open_folder, plan_shards, write_safetensors_shards
 
 log = logging.getLogger(__name__)
 
 
 def np_dtype(name: str):
-    import ml_dtypes
-
     if name == "keep":
         return None
     if name == "float32":
@@ -135,10 +140,6 @@ def torch_shape(rule: Rule, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def expected_shapes(cfg: MuFunConfig) -> dict[FlaxPath, tuple[int, ...]]:
-    from flax import nnx
-
-    from mufun_jax.models import MuFun
-
     model = nnx.eval_shape(lambda: MuFun(cfg, rngs=nnx.Rngs(0)))
     return {tuple(str(p) for p in path): tuple(v.shape) for path, v in nnx.iter_graph(model)
             if isinstance(v, nnx.Variable)}
@@ -182,8 +183,6 @@ def atomic_dir(dst: Path, overwrite: bool):
 
 
 def _progress(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled)
 
 
@@ -276,8 +275,6 @@ def _rule_of(cfg: MuFunConfig, path: FlaxPath) -> Rule:
 
 def _prefetch(read: Callable[[str], np.ndarray], keys: list[str]) -> Iterator[np.ndarray]:
     """``read(k)`` for each key in order, one read ahead on a background thread."""
-    from concurrent.futures import ThreadPoolExecutor
-
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(read, keys[0]) if keys else None
         for i in range(len(keys)):
@@ -288,11 +285,6 @@ def _prefetch(read: Callable[[str], np.ndarray], keys: list[str]) -> Iterator[np
 
 
 def _init_connector(cfg: MuFunConfig, seed: int) -> dict[FlaxPath, np.ndarray]:
-    from flax import nnx
-
-    from mufun_jax.convert import get_params
-    from mufun_jax.models.connector import Connector
-
     return get_params(Connector(cfg.connector, rngs=nnx.Rngs(seed)))
 
 

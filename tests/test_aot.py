@@ -166,7 +166,7 @@ def test_lm_head_is_gathered_once_before_the_chunked_loss(v5e4):
     from flax import nnx
 
     from mufun_jax.aot.topology import topology_mesh
-    from mufun_jax.checkpoint import abstract_model, abstract_params
+    from mufun_jax.loading import abstract_model, abstract_params
     from mufun_jax.config import RunSettings
 
     mesh = topology_mesh(v5e4, 1, -1, 1)

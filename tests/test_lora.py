@@ -13,7 +13,7 @@ from flax import nnx
 from mufun_jax.config import LoraConfig, RunSettings
 from mufun_jax.data.packing import PackConfig, pack_batches
 from mufun_jax.models import MuFun, lora
-from mufun_jax.models.layers import Linear
+from mufun_jax.models.layers import Linear, apply_lora
 from mufun_jax.train_config import TrainConfig
 from mufun_jax.train_lib import Trainer, combine, export_model
 from helpers import CFG, committed, losses, make_samples, one_device_mesh, run_config as config, run_train as run, train_cfg
@@ -61,8 +61,7 @@ def test_only_adapters_train_and_the_base_stays_frozen(quantize="nf4"):
 
 def test_dropout_masks_differ_by_key_layer_and_projection():
     lin = Linear(16, 8, axes=("embed", "mlp"), rngs=nnx.Rngs(0))
-    lora.apply_lora(nnx.Dict(q_proj=lin), LoraConfig(rank=4, alpha=4, dropout=0.5, targets=("q_proj",)), "llm",
-                    nnx.Rngs(1))
+    apply_lora(nnx.Dict(q_proj=lin), LoraConfig(rank=4, alpha=4, dropout=0.5, targets=("q_proj",)), "llm", nnx.Rngs(1))
     lin.lora_b[...] = jax.random.normal(jax.random.key(2), lin.lora_b.shape)
     x = jnp.ones((3, 16))
     y_eval = lin(x)
@@ -81,7 +80,7 @@ def test_dropout_masks_differ_by_key_layer_and_projection():
 def test_export_merges_the_adapters(tmp_path, quantize="int8"):
     """train.py's export (OUTPUT_DIR/model) holds plain weights with the adapters merged in (and a
     quantised base dequantised): loaded back it gives the adapted model's logits."""
-    from mufun_jax.checkpoint import load_model
+    from mufun_jax.loading import load_model
 
     cfg = train_cfg(trainable=LORA_TRAINABLE, lora=dict(rank=4, alpha=8), quantize=quantize)
     tr = Trainer(cfg, CFG, one_device_mesh())

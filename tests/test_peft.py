@@ -22,7 +22,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from conftest import FP32_TOL, rel_err
 from helpers import random_mel, small_cfg
-from mufun_jax import checkpoint, run_dir, train_lib
+from mufun_jax import checkpoint, loading, run_dir, train_lib
 from mufun_jax.cli import convert_main
 from mufun_jax.config import IMAGE_TOKEN_INDEX as AUDIO
 from mufun_jax.convert import torch_to_flax
@@ -58,7 +58,7 @@ def setup(tmp_path_factory, torch_threads):
     # random adapters (lora_b not zero) and a "trained" connector away from the base's.
     rng = np.random.default_rng(0)
     params = {}
-    for path, v in flatten_dict(nnx.to_pure_dict(nnx.state(checkpoint.abstract_model(cfg, tcfg.run)))).items():
+    for path, v in flatten_dict(nnx.to_pure_dict(nnx.state(loading.abstract_model(cfg, tcfg.run)))).items():
         if path[-1] in ("lora_a", "lora_b"):
             scale = 1 / np.sqrt(v.shape[-2]) if path[-1] == "lora_a" else 0.2
             params[path] = scale * rng.standard_normal(v.shape).astype(np.float32)
@@ -90,7 +90,7 @@ def setup(tmp_path_factory, torch_threads):
 
 
 def build(cfg, run, params):
-    graphdef, state = nnx.split(checkpoint.abstract_model(cfg, run))
+    graphdef, state = nnx.split(loading.abstract_model(cfg, run))
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state)
 
@@ -136,20 +136,20 @@ def test_merged_export_and_our_loader_match_the_adapted_model(setup):
     assert convert_main(["export-adapter", str(d / "run"), str(d / "merged"), "--merge", "--no-progress"]) == 0
     assert json.loads((d / "merged" / "config.json").read_text())["model_type"] == "tinyllava"
     want = forward(model, batch, mel)
-    merged = forward(checkpoint.load_model(d / "merged"), batch, mel)
-    loaded = forward(load_adapter(checkpoint.load_model(d / "base"), d / "adapter"), batch, mel)
-    at_load = forward(checkpoint.load_model(d / "base", adapter=d / "adapter"), batch, mel)  # from_pretrained's path
+    merged = forward(loading.load_model(d / "merged"), batch, mel)
+    loaded = forward(load_adapter(loading.load_model(d / "base"), d / "adapter"), batch, mel)
+    at_load = forward(loading.load_model(d / "base", adapter=d / "adapter"), batch, mel)  # from_pretrained's path
     for name, got in (("merged export", merged), ("load_adapter", loaded), ("load_model(adapter=)", at_load)):
         print(f"{name} vs adapted: fp32 logits max abs {np.abs(got - want).max():.2e}, rel {rel_err(got, want):.2e}")
         assert rel_err(got, want) <= FP32_TOL
-    assert rel_err(forward(checkpoint.load_model(d / "base"), batch, mel), want) > 100 * FP32_TOL
+    assert rel_err(forward(loading.load_model(d / "base"), batch, mel), want) > 100 * FP32_TOL
 
 
 def test_adapter_onto_a_different_base_is_a_clear_error(setup, tmp_path):
     d, cfg, *_ = setup
     other = cfg.replace(qwen3=dataclasses.replace(cfg.qwen3, num_hidden_layers=2))
     with pytest.raises(ValueError, match=r"different base model: qwen3\.num_hidden_layers: adapter 3, model 2"):
-        load_adapter(checkpoint.abstract_model(other), d / "adapter")
+        load_adapter(loading.abstract_model(other), d / "adapter")
     # a tensor our model has no parameter for (layer 9 of 3) is named, not skipped
     from safetensors.torch import load_file, save_file
 
@@ -160,7 +160,7 @@ def test_adapter_onto_a_different_base_is_a_clear_error(setup, tmp_path):
     extra = f"{PREFIX}language_model.model.layers.9.self_attn.q_proj.lora_A.weight"
     save_file({**sd, extra: torch.zeros(4, 64)}, str(bad / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"1 tensors match no parameter.*layers\.9\.self_attn\.q_proj\.lora_A"):
-        load_adapter(checkpoint.load_model(d / "base"), bad)
+        load_adapter(loading.load_model(d / "base"), bad)
 
 
 def test_cli_errors(setup, tmp_path, capsys):

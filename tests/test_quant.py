@@ -162,7 +162,7 @@ def test_parameter_bytes_halve():
     for mode in (None, "int8", "nf4"):
         m = MuFun(cfg, bf16.replace(quantize=mode), rngs=nnx.Rngs(0))
         sizes[mode] = param_bytes(nnx.state(m.language_model)) + param_bytes(nnx.state(m.connector))
-    from mufun_jax.checkpoint import abstract_model
+    from mufun_jax.loading import abstract_model
 
     big = {mode: param_bytes(nnx.state(abstract_model(preset("mufun-8b"), bf16.replace(quantize=mode))))
            for mode in (None, "int8", "nf4")}

@@ -195,7 +195,7 @@ def ours_child(s: Settings, workdir: str):
         finally:
             gen.profile = False
         cs = gen.cache_stats()
-        return {**{f"{k}_s": v for k, v in gen.timings.items()},
+        return {**{f"{k}_s": v for k, v in gen.timings.items()}, "stats": dict(gen.stats),
                 "cache": {k: {"reused": v["reused"], "used": v["used"]} for k, v in cs.items()},
                 "encoder_chunks": gen.stats["encoder_chunks"], "encoder_padding": gen.stats["encoder_padding"]}
 

@@ -4,14 +4,20 @@ host (needs libtpu, no TPU) and report per-chip memory and FLOPs; exit 1 if a st
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
 
+# none of these imports jax: the platform is chosen below, before jax is first imported
+from mufun_jax.aot.drivers import compile_infer, compile_train, report
+from mufun_jax.aot.topology import TOPOLOGIES, TPU_SPECS
+from mufun_jax.checkpoint import load_config
+from mufun_jax.cli_base import ArgumentParser
+from mufun_jax.train_config import TrainConfig
+
 
 def main(argv=None) -> int:
-    from mufun_jax.cli import ArgumentParser
-
     ap = ArgumentParser(prog="python -m mufun_jax.aot", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("train", help="the train step of a training config")
@@ -37,10 +43,6 @@ def main(argv=None) -> int:
     sub.add_parser("topologies", help="list the known slice names")
     args = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling only: never take a local TPU
-
-    from mufun_jax.aot.drivers import report, compile_infer, compile_train
-    from mufun_jax.aot.topology import TOPOLOGIES, TPU_SPECS
-
     if args.cmd == "topologies":
         for name, (gen, phys) in TOPOLOGIES.items():
             s = TPU_SPECS[gen]
@@ -49,16 +51,12 @@ def main(argv=None) -> int:
         return 0
     try:
         if args.cmd == "train":
-            from mufun_jax.train_config import TrainConfig
-
             cfg = TrainConfig.load(args.config, args.overrides)
             results = [compile_train(cfg, args.topology, num_slices=args.num_slices,
                                      attention_impl=args.attention_impl, text_only=args.text_only)]
         else:
             model_cfg = None
             if args.init_from:
-                from mufun_jax.checkpoint import load_config
-
                 model_cfg = load_config(args.init_from)
             mesh = tuple(int(x) for x in args.mesh.split(","))
             results = compile_infer(args.topology, batch=args.batch, context=args.context,
@@ -69,8 +67,6 @@ def main(argv=None) -> int:
         print(f"aot: error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        import json
-
         Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in results], indent=1))
     return report(results, "aot")
 

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import sys
 import time
 from typing import Sequence
 
-from mufun_jax import flops
+from mufun_jax import audio, flops
+from mufun_jax.checkpoint import has_model, load_config
+from mufun_jax.config import preset, resolve_model
+from mufun_jax.errors import CheckpointError
+from mufun_jax.run_settings import RunSettings
 from mufun_jax.aot.hlo import hlo_flops
-from mufun_jax.sampling import SamplingParams
 from mufun_jax.aot.topology import GiB, Topology, quiet_stderr, get_topology, topology_mesh
 
 
@@ -103,6 +107,7 @@ def _oom_bytes(msg: str) -> tuple[int, int] | None:
 def compile_step(result: AotResult, jitted, args, mesh, *, attention_flops: float = 0.0):
     """Lower + compile under the mesh (so the model's activation constraints and the kernel's
     shard_map see it), then fill in memory and FLOPs. An HBM overflow becomes ``fits=False``."""
+    # jax, and our modules that import it, only here: the CLIs set JAX_PLATFORMS first (read on import)
     import jax
 
     t0 = time.perf_counter()
@@ -146,8 +151,6 @@ def compile_step(result: AotResult, jitted, args, mesh, *, attention_flops: floa
 def train_model_config(cfg):
     """The TrainConfig's model; when its ``init_from`` is not on this machine (an 8B recipe compiled
     before the checkpoint was converted), the mufun-8b preset with the config's model overrides."""
-    from mufun_jax.config import resolve_model
-
     return cfg.model if cfg.model is not None else resolve_model("mufun-8b", cfg.model_overrides)
 
 
@@ -160,10 +163,10 @@ def compile_train(cfg, topology: str | Topology, *, num_slices: int = 1, attenti
     ``attention_impl`` overrides the config's run setting (its ``auto`` is splash on TPU).
     ``keep`` (a dict) receives the compiled executable under ``"compiled"``. ``text_only`` compiles
     a batch without audio (the LLM alone; ``data.max_chunks`` is ignored)."""
+    # jax, and our modules that import it, only here: the CLIs set JAX_PLATFORMS first (read on import)
     import jax
     import jax.numpy as jnp
 
-    from mufun_jax import audio
     from mufun_jax.train_lib import Trainer
 
     topo = topology if isinstance(topology, Topology) else get_topology(topology, num_slices)
@@ -172,10 +175,8 @@ def compile_train(cfg, topology: str | Topology, *, num_slices: int = 1, attenti
     mesh = topology_mesh(topo, cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     d, a = cfg.data, cfg.optim.grad_accum
     split = mesh.shape["data"] * mesh.shape["fsdp"]
-    for name, v in [("data.batch_size", d.batch_size), ("data.max_chunks", d.max_chunks)]:
-        if v % split:
-            raise ValueError(f"{name}={v} must be divisible by mesh data x fsdp = {split} on {topo.name}"
-                             f"{' x ' + str(topo.num_slices) + ' slices' if topo.num_slices > 1 else ''}")
+    d.check_split(split, f"mesh data x fsdp = {split} on {topo.name}"
+                         f"{' x ' + str(topo.num_slices) + ' slices' if topo.num_slices > 1 else ''}")
     trainer = Trainer(cfg, model_cfg, mesh, run)
     state = trainer.abstract_state()
     sh = trainer.batch_sharding
@@ -244,14 +245,14 @@ def compile_infer(topology: str | Topology, *, batch: int, context: int, new_tok
       donated).
 
     ``keep`` (a dict) receives the generator as ``keep["generator"]``."""
+    # jax, and our modules that import it, only here: the CLIs set JAX_PLATFORMS first (read on import)
     import jax
     import jax.numpy as jnp
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from mufun_jax import audio
-    from mufun_jax.checkpoint import abstract_model, abstract_params
-    from mufun_jax.config import RunSettings, preset
     from mufun_jax.engine import Generator
+    from mufun_jax.loading import abstract_model, abstract_params
+    from mufun_jax.sampling import SamplingParams
     from mufun_jax.models.qwen3 import KVCache
 
     topo = topology if isinstance(topology, Topology) else get_topology(topology, num_slices)
@@ -330,8 +331,6 @@ class _lower_with:
 
 @contextlib.contextmanager
 def _quiet_logging():
-    import logging
-
     lg = logging.getLogger("mufun_jax.sharding")
     old = lg.level
     lg.setLevel(logging.ERROR)  # "not divisible: replicated" for every Whisper head split
@@ -409,12 +408,8 @@ def infer_compile_only(topology: str, *, batch: int, context: int = 4096, new_to
     model in ``model`` (a converted directory; the mufun-8b preset when it is None or not on this
     machine), print the table; 0 if both fit, 1 if not."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compiling only: never take a local TPU
-    from mufun_jax.torch_files import CheckpointError
-
     try:
         model_cfg = None
-        from mufun_jax.checkpoint import has_model, load_config
-
         if model is not None and has_model(model):
             model_cfg = load_config(model)
         elif model is not None:

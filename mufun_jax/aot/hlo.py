@@ -15,6 +15,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 _CALLS = re.compile(r"\b(calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
@@ -235,7 +237,6 @@ def _window(attrs: str, n: int) -> dict[str, list]:
 def _taps(n_in: int, n_out: int, size: int, stride: int, pad_lo: int, lhs_dilate: int, rhs_dilate: int) -> int:
     """(output position, window tap) pairs of one spatial dimension that read a real input element,
     not padding or a hole of lhs dilation (TPU XLA writes batched matmuls as such convolutions)."""
-    import numpy as np
 
     pos = np.arange(n_out)[:, None] * stride + np.arange(size)[None, :] * rhs_dilate - pad_lo
     return int(((pos >= 0) & (pos <= (n_in - 1) * lhs_dilate) & (pos % lhs_dilate == 0)).sum())

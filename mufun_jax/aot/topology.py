@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import sys
 import tempfile
+
+import numpy as np
 
 GiB = 1024**3
 
@@ -139,7 +140,7 @@ def wraparound(topology_name: str) -> tuple[bool, bool, bool]:
 def get_topology(name: str, num_slices: int = 1) -> Topology:
     """Compile-only devices of a TPU slice (``num_slices`` > 1: a multi-slice job over DCN)."""
     _libtpu_env()
-    import jax
+    import jax  # after _libtpu_env: jax reads the libtpu environment on import
     from jax.experimental import topologies
 
     gen, topo_name, spec = resolve_topology(name)
@@ -163,24 +164,14 @@ def topology_mesh(topo: Topology, data: int = 1, fsdp: int = -1, tensor: int = 1
     """A (data, fsdp, tensor) mesh over the topology, laid out along the physical torus
     (``mesh_utils``). With several slices, ``data`` is split further over the slices (DCN): the
     mesh has ``num_slices * data`` data replicas and fsdp/tensor stay within a slice."""
-    import numpy as np
+    # jax (and sharding, which imports it) only now: this package is imported before the CLI has
+    # chosen JAX_PLATFORMS and the libtpu environment, which jax reads once, on import
     from jax.experimental import mesh_utils
     from jax.sharding import Mesh
 
-    from mufun_jax.sharding import MESH_AXES
+    from mufun_jax.sharding import MESH_AXES, mesh_sizes
 
-    per_slice = topo.chips // topo.num_slices
-    sizes = [data, fsdp, tensor]
-    if sizes.count(-1) > 1:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one size may be -1")
-    known = math.prod(s for s in sizes if s != -1)
-    if -1 in sizes:
-        if per_slice % known:
-            raise ValueError(f"{per_slice} chips per slice cannot be split into mesh {dict(zip(MESH_AXES, sizes))}")
-        sizes[sizes.index(-1)] = per_slice // known
-    if math.prod(sizes) != per_slice:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} chips per slice; "
-                         f"{topo.name} has {per_slice}")
+    sizes = mesh_sizes(data, fsdp, tensor, topo.chips // topo.num_slices, f"chips per slice of {topo.name}")
     if topo.num_slices == 1:
         devices = mesh_utils.create_device_mesh(sizes, list(topo.devices))
     else:

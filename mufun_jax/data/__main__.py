@@ -15,7 +15,9 @@ import argparse
 import logging
 import sys
 
-from mufun_jax.cli import ArgumentParser, add_common, run_cli
+from mufun_jax.cli_base import ArgumentParser, add_common, run_cli
+from mufun_jax.data.dataset import dataset_tokenizer, validate
+from mufun_jax.data.templates import get_template
 
 EXIT_NO_SAMPLES = 1
 
@@ -48,9 +50,6 @@ def main(argv=None) -> int:
 
 
 def _validate(args) -> int:
-    from mufun_jax.data.dataset import dataset_tokenizer, validate
-    from mufun_jax.data.templates import get_template
-
     template = get_template(args.template)
     tok = dataset_tokenizer(args.tokenizer) if args.tokenizer else None
     good, counter = validate(args.dataset, template=template, tokenizer=tok, audio_root=args.audio_root,

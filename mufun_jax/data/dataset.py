@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import errno
 import json
 import logging
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from mufun_jax import audio
 from mufun_jax.errors import InputError
@@ -178,8 +180,6 @@ def validate(path: str | Path, *, template: Template, tokenizer=None, audio_root
     segments and tag counts are always checked; with a ``tokenizer`` also the templates' label
     masks and, with ``seq_len``, whether each sample fits a row of that many tokens once its audio
     is expanded (``too_long``). Relative audio paths resolve as in training (:func:`audio_root_for`)."""
-    from tqdm.auto import tqdm
-
     counter = SkipCounter()
     records = read_records(path, counter)
     audio_root = audio_root_for(path, audio_root)
@@ -199,10 +199,7 @@ def dataset_tokenizer(path: str | Path):
     """``AutoTokenizer`` from a checkpoint or tokenizer directory (never remote code). A path that
     is not a directory is an error naming it here, rather than Hugging Face's complaint about a
     malformed hub repo id; a directory without tokenizer files is reported with its path too."""
-    import errno
-    import json
-
-    from transformers import AutoTokenizer, PretrainedConfig
+    from transformers import AutoTokenizer, PretrainedConfig  # heavy; only where a tokenizer is loaded
 
     if not Path(path).is_dir():
         why = "not a directory" if Path(path).exists() else "no such directory"

@@ -54,6 +54,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from mufun_jax.models.blocked_attention import blocked_attention
+from mufun_jax.models.layers import active_mesh
 
 _MASKED = -1e30  # as in qwen3.py: finite, so fully masked rows are uniform instead of NaN
 _LANES = 128  # splash blocks must be multiples of the TPU lane width
@@ -72,8 +76,6 @@ def dot_product_attention(q, k, v, *, segment_ids=None, causal: bool, implementa
     if implementation == "xla":
         return _xla_attention(q, k, v, segment_ids, causal)
     if implementation == "blocked":
-        from mufun_jax.models.blocked_attention import blocked_attention
-
         qh, kh, vh = _heads_first(q, k, v)
         return jnp.swapaxes(blocked_attention(qh, kh, vh, segment_ids, causal), 1, 2).astype(q.dtype)
     if implementation in ("pallas_tpu", "splash"):
@@ -110,8 +112,6 @@ def _per_shard(fn, q, k, v, segment_ids):
     the batch (data x fsdp) and, where it divides both head counts, the heads (tensor). A custom
     call left to the SPMD partitioner would be replicated, i.e. every device would gather and
     compute the whole batch. Without such a mesh, ``fn`` as is."""
-    from mufun_jax.models.layers import active_mesh
-
     mesh = active_mesh()
     if mesh is None:
         if jax.device_count() > 1 and not _warned:
@@ -121,8 +121,6 @@ def _per_shard(fn, q, k, v, segment_ids):
                 "(every device computes the whole batch). Trace under jax.sharding.use_abstract_mesh("
                 "mesh.abstract_mesh) so that it runs per shard.", jax.device_count())
         return fn(q, k, v, segment_ids)
-    from jax.sharding import PartitionSpec as P
-
     batch = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
     while batch and q.shape[0] % math.prod(mesh.shape[a] for a in batch):
         batch = batch[:-1]
@@ -241,6 +239,7 @@ def splash_block(length: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=64)
 def _splash_kernel(num_heads: int, q_len: int, kv_len: int, block_q: int, block_kv: int, causal: bool,
                    interpret: bool):
+    # the Pallas TPU kernels are imported only when a run picks them (most runs never do)
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -258,6 +257,7 @@ def _splash_kernel(num_heads: int, q_len: int, kv_len: int, block_q: int, block_
 
 
 def _splash_attention(q, k, v, segment_ids, causal, interpret):
+    # as in _splash_kernel
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     if not interpret and target_platform() != "tpu":

@@ -1,5 +1,7 @@
 """Small building blocks shared by the models: parameters with logical axes, Linear,
-LayerNorm, RMSNorm, Embed, and the dtype/GELU conventions of the PyTorch reference.
+LayerNorm, RMSNorm, Embed, and the dtype/GELU conventions of the PyTorch reference; and the two
+in-place changes of built layers, LoRA adapters (:func:`apply_lora`) and weight-only quantisation
+(:func:`quantize_module`), whose arithmetic lives below in :mod:`.lora` and :mod:`.quant`.
 
 We write these ourselves rather than use ``nnx.Linear`` & co. so that (a) every parameter
 carries ``logical_axes`` metadata that :mod:`mufun_jax.sharding` maps onto a mesh, (b)
@@ -15,8 +17,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
 from mufun_jax.models import lora, quant
+from mufun_jax.run_settings import LORA_LINEAR_NAMES, LoraConfig
+from mufun_jax.sharding import DEFAULT_RULES, MESH_AXES, logical_to_spec
 
 Axes = tuple[str, ...]
 
@@ -37,8 +42,6 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], axes: Axes, dtype) -> nnx.
 def active_mesh():
     """The mesh set by ``jax.set_mesh`` / ``jax.sharding.use_abstract_mesh`` while tracing, if it is a
     multi-device (data, fsdp, tensor) mesh; else None."""
-    from mufun_jax.sharding import MESH_AXES
-
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1 or not set(MESH_AXES) <= set(mesh.axis_names):
         return None
@@ -48,8 +51,6 @@ def active_mesh():
 def gather_fsdp(x, axes: Sequence[str | None]):
     """``x`` (a weight with these logical axes) all-gathered over the ``fsdp`` mesh axis, its other
     splits (``tensor``) kept; ``x`` unchanged without a mesh."""
-    from mufun_jax.sharding import DEFAULT_RULES
-
     drop = lambda v: tuple(a for a in ((v,) if isinstance(v, str) else v or ()) if a != "fsdp") or None
     return shard_activation(x, axes, tuple((k, drop(v)) for k, v in DEFAULT_RULES))
 
@@ -62,10 +63,6 @@ def shard_activation(x, axes: Sequence[str | None], rules=None):
     mesh = active_mesh()
     if mesh is None:
         return x
-    from jax.sharding import PartitionSpec
-
-    from mufun_jax.sharding import logical_to_spec
-
     spec = []
     for dim, entry in zip(x.shape, logical_to_spec(axes) if rules is None else logical_to_spec(axes, rules)):
         names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
@@ -172,3 +169,62 @@ class Embed(nnx.Module):
         if self.embedding_scale is not None:
             out = out * self.embedding_scale[...].astype(self.dtype)
         return out
+
+
+# -- adapters and quantisation of built layers ----------------------------------------------------
+
+
+def apply_lora(module: nnx.Module, cfg: LoraConfig, name: str, rngs: nnx.Rngs) -> int:
+    """Add adapters to the targeted Linear layers of ``module`` (named ``name``: whisper,
+    connector or llm) in place; returns how many layers got one."""
+    wanted = cfg.names(name)
+    found = [(path, node) for path, node in nnx.iter_graph(module)
+             if isinstance(node, Linear) and path and path[-1] in wanted]
+    if not found:
+        raise ValueError(f"lora.targets={list(cfg.targets)} match no linear layer of module {name!r}; its linear "
+                         f"layers are {list(LORA_LINEAR_NAMES[name])}")
+    for i, (_, lin) in enumerate(found):
+        axes = lin.kernel.get_metadata("logical_axes")
+        *lead, n_in, n_out = lin.kernel.shape
+        bound = 1.0 / math.sqrt(n_in)
+        dtype = lin.kernel.dtype if jnp.issubdtype(lin.kernel.dtype, jnp.floating) else jnp.float32
+        a = jax.random.uniform(rngs.params(), (*lead, n_in, cfg.rank), dtype, -bound, bound)
+        lin.lora_a = lora.LoraParam(a, logical_axes=axes[:-1] + (None,))
+        lin.lora_b = lora.LoraParam(jnp.zeros((*lead, cfg.rank, n_out), dtype),
+                                    logical_axes=axes[:-2] + (None, axes[-1]))
+        lin.lora_scaling, lin.lora_dropout, lin.lora_id = cfg.scaling, cfg.dropout, i
+    return len(found)
+
+
+def _quantize_linear(lin, mode: str) -> None:
+    axes = lin.kernel.get_metadata("logical_axes")
+    w = lin.kernel[...]
+    if mode == "int8":
+        codes, scale = quant.int8_quantize(w)
+        scale_axes = axes[:-2] + axes[-1:]
+    else:
+        codes, scale = quant.nf4_quantize(w)
+        scale_axes = axes[:-2] + (None, axes[-1])  # the in-blocks stay whole (they rarely divide a mesh)
+    lin.kernel = quant.QuantizedWeight(codes, logical_axes=axes)
+    lin.kernel_scale = quant.QuantScale(scale, logical_axes=scale_axes)
+
+
+def _quantize_embed(emb) -> None:
+    axes = emb.embedding.get_metadata("logical_axes")
+    codes, scale = quant.int8_quantize(emb.embedding[...], axis=-1)
+    emb.embedding = quant.QuantizedWeight(codes, logical_axes=axes)
+    emb.embedding_scale = quant.QuantScale(scale, logical_axes=axes[:-1])
+
+
+def quantize_module(module: nnx.Module, mode: str) -> int:
+    """Quantise every Linear kernel and embedding table inside ``module`` in place; the count."""
+    quant.check_mode(mode)
+    n = 0
+    for _, node in list(nnx.iter_graph(module)):
+        if isinstance(node, Linear) and node.kernel_scale is None:
+            _quantize_linear(node, mode)
+            n += 1
+        elif isinstance(node, Embed) and node.embedding_scale is None:
+            _quantize_embed(node)
+            n += 1
+    return n

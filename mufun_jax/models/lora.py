@@ -10,6 +10,10 @@ and run under ``lax.scan``; on a minimal stacked model it failed with an IndexEr
 length, a TraceContextError, and adapters dropped from the stacked state. Adapters on our one
 Linear class are a few lines and keep the parameter names stable for PEFT's format.
 
+This module is the adapters' arithmetic (their contribution, merging, dropout keys);
+:func:`mufun_jax.models.layers.apply_lora` adds them to built layers, so the layers import it and
+not the other way round.
+
 Dropout needs a key per call. The training step opens :func:`dropout_key` around the loss;
 :func:`mufun_jax.models.scan.scan_layers` gives every scanned layer its own key, and each Linear
 folds in its own id, so no two layers or projections share a mask.
@@ -19,38 +23,16 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mufun_jax.config import LORA_LINEAR_NAMES, LoraConfig
+from mufun_jax.models.quant import dequantize_kernel
+
 
 class LoraParam(nnx.Param):
     """A LoRA factor: trained when its module is set to ``lora``, merged into the kernel on export."""
-
-
-def apply_lora(module: nnx.Module, cfg: LoraConfig, name: str, rngs: nnx.Rngs) -> int:
-    """Add adapters to the targeted Linear layers of ``module`` (named ``name``: whisper,
-    connector or llm) in place; returns how many layers got one."""
-    from mufun_jax.models.layers import Linear
-
-    wanted = cfg.names(name)
-    found = [(path, node) for path, node in nnx.iter_graph(module)
-             if isinstance(node, Linear) and path and path[-1] in wanted]
-    if not found:
-        raise ValueError(f"lora.targets={list(cfg.targets)} match no linear layer of module {name!r}; its linear "
-                         f"layers are {list(LORA_LINEAR_NAMES[name])}")
-    for i, (_, lin) in enumerate(found):
-        axes = lin.kernel.get_metadata("logical_axes")
-        *lead, n_in, n_out = lin.kernel.shape
-        bound = 1.0 / math.sqrt(n_in)
-        dtype = lin.kernel.dtype if jnp.issubdtype(lin.kernel.dtype, jnp.floating) else jnp.float32
-        a = jax.random.uniform(rngs.params(), (*lead, n_in, cfg.rank), dtype, -bound, bound)
-        lin.lora_a = LoraParam(a, logical_axes=axes[:-1] + (None,))
-        lin.lora_b = LoraParam(jnp.zeros((*lead, cfg.rank, n_out), dtype), logical_axes=axes[:-2] + (None, axes[-1]))
-        lin.lora_scaling, lin.lora_dropout, lin.lora_id = cfg.scaling, cfg.dropout, i
-    return len(found)
 
 
 # -- dropout keys ------------------------------------------------------------------------------
@@ -85,8 +67,6 @@ def delta(lin, x, dtype):
 def merge_params(params: dict, scaling: float) -> dict:
     """A parameter tree with its adapters merged: ``kernel + A @ B * scaling`` (quantised kernels
     are dequantised first), LoRA factors and scales removed. The result has the plain layout."""
-    from mufun_jax.models.quant import dequantize_kernel
-
     out = {}
     for k, v in params.items():
         if k in ("lora_a", "lora_b", "kernel_scale"):

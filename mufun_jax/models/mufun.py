@@ -20,12 +20,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mufun_jax import audio as audio_lib
-from mufun_jax.config import MuFunConfig, RunSettings
-from mufun_jax.models import lora, quant
+from mufun_jax.config import MuFunConfig
 from mufun_jax.models.connector import Connector
-from mufun_jax.models.layers import shard_activation
+from mufun_jax.models.layers import apply_lora, quantize_module, shard_activation
 from mufun_jax.models.qwen3 import KVCache, Qwen3ForCausalLM
 from mufun_jax.models.whisper import WhisperEncoder
+from mufun_jax.run_settings import RunSettings
 
 
 class MuFun(nnx.Module):
@@ -39,10 +39,10 @@ class MuFun(nnx.Module):
         self.language_model = Qwen3ForCausalLM(cfg.qwen3, rngs=rngs, **kw, **deep)
         parts = {"whisper": self.encoder, "connector": self.connector, "llm": self.language_model}
         for name in run.lora_modules:
-            lora.apply_lora(parts[name], run.lora, name, rngs)
+            apply_lora(parts[name], run.lora, name, rngs)
         if run.quantize:
             for name in run.quantize_modules:
-                quant.quantize_module(parts[name], run.quantize)
+                quantize_module(parts[name], run.quantize)
 
     @property
     def dtype(self):

@@ -1,7 +1,9 @@
 """Weight-only quantisation of the linear layers and the embedding: int8 and NF4.
 
 A quantised :class:`~mufun_jax.models.layers.Linear` keeps its ``kernel`` name, with codes in place
-of the float weights, plus a ``kernel_scale``; compute stays in the run's dtype. Why these two:
+of the float weights, plus a ``kernel_scale``; compute stays in the run's dtype. This module is the
+arithmetic on arrays and parameter trees; :func:`mufun_jax.models.layers.quantize_module` applies it
+to built layers, so the layers import it and not the other way round. Why these two:
 
 - ``int8``: symmetric, one scale per output channel (absmax / 127). The scale is applied after the
   matmul, ``(x @ q) * s``, so the kernel is only ever cast, never rescaled, and the bytes per
@@ -24,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mufun_jax.config import QUANT_MODES
+from mufun_jax.run_settings import QUANT_MODES
 
 NF4_BLOCK = 64  # input rows that share one NF4 scale
 
@@ -101,43 +103,7 @@ def linear(x, codes, scale, dtype):
     return jnp.dot(x.astype(dtype), nf4_dequantize(codes, scale, dtype))
 
 
-# -- applying it to a module ----------------------------------------------------------------------
-
-
-def _quantize_linear(lin, mode: str) -> None:
-    axes = lin.kernel.get_metadata("logical_axes")
-    w = lin.kernel[...]
-    if mode == "int8":
-        codes, scale = int8_quantize(w)
-        scale_axes = axes[:-2] + axes[-1:]
-    else:
-        codes, scale = nf4_quantize(w)
-        scale_axes = axes[:-2] + (None, axes[-1])  # the in-blocks stay whole (they rarely divide a mesh)
-    lin.kernel = QuantizedWeight(codes, logical_axes=axes)
-    lin.kernel_scale = QuantScale(scale, logical_axes=scale_axes)
-
-
-def _quantize_embed(emb) -> None:
-    axes = emb.embedding.get_metadata("logical_axes")
-    codes, scale = int8_quantize(emb.embedding[...], axis=-1)
-    emb.embedding = QuantizedWeight(codes, logical_axes=axes)
-    emb.embedding_scale = QuantScale(scale, logical_axes=axes[:-1])
-
-
-def quantize_module(module: nnx.Module, mode: str) -> int:
-    """Quantise every Linear kernel and embedding table inside ``module`` in place; the count."""
-    from mufun_jax.models.layers import Embed, Linear
-
-    check_mode(mode)
-    n = 0
-    for _, node in list(nnx.iter_graph(module)):
-        if isinstance(node, Linear) and node.kernel_scale is None:
-            _quantize_linear(node, mode)
-            n += 1
-        elif isinstance(node, Embed) and node.embedding_scale is None:
-            _quantize_embed(node)
-            n += 1
-    return n
+# -- parameter trees ------------------------------------------------------------------------------
 
 
 def quantize_params(params: dict, template: dict) -> dict:

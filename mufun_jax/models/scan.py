@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from mufun_jax import config
+from mufun_jax import run_settings
 from mufun_jax.models import lora
 
 # Names tagged with ``jax.ad_checkpoint.checkpoint_name`` in the models, for the named policies.
@@ -42,7 +42,7 @@ REMAT_POLICIES = {
         names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT], offload_src="device",
         offload_dst="pinned_host"),
 }
-assert set(REMAT_POLICIES) == set(config.REMAT_POLICIES)
+assert set(REMAT_POLICIES) == set(run_settings.REMAT_POLICIES)
 
 
 def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
