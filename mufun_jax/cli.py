@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 # the plumbing every CLI shares lives in cli_base, so that lower CLIs need not import this module;

@@ -444,14 +444,3 @@ def resolve_model(base: MuFunConfig | str, overrides: Mapping[str, Any] | None =
         merged[k] = {**merged[k], **sub}
     merged.update(overrides)
     return MuFunConfig.from_dict(merged)
-
-
-def check_sampling(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0) -> None:
-    """The sampling settings every entry point accepts: ``temperature >= 0`` (0 is greedy),
-    ``0 < top_p <= 1`` and ``top_k >= 0`` (0 and 1.0 disable the filters)."""
-    bad = [f"{name}={v!r} {why}" for name, v, ok, why in (
-        ("temperature", temperature, temperature >= 0, "must be >= 0 (0 is greedy)"),
-        ("top_p", top_p, 0.0 < top_p <= 1.0, "must be in (0, 1]"),
-        ("top_k", top_k, top_k >= 0, "must be >= 0 (0 disables it)")) if not ok]
-    if bad:
-        raise ValueError("; ".join(bad))

@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from mufun_jax.cli import ArgumentParser, DefaultsHelpFormatter, add_common, invoked_as, run_cli, setup_logging
+from mufun_jax.cli_base import ArgumentParser, DefaultsHelpFormatter, add_common, invoked_as, run_cli, setup_logging
 from mufun_jax.compile_cache import enable_compile_cache
 from mufun_jax.errors import EXIT_PREEMPTED
 

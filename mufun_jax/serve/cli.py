@@ -15,7 +15,7 @@ import signal
 import sys
 from pathlib import Path
 
-from mufun_jax.cli import ArgumentParser, DefaultsHelpFormatter, add_common, invoked_as, run_cli, setup_logging
+from mufun_jax.cli_base import ArgumentParser, DefaultsHelpFormatter, add_common, invoked_as, run_cli, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
