@@ -218,7 +218,7 @@ def _grpo_cfg(data, out, **kw):
              async_checkpointing=False, progress=False, trainable={"whisper": "frozen", "connector": "full",
                                                                    "llm": "full"},
              optim=dict(lr=1e-2, schedule="constant", warmup_ratio=0.0),
-             data=dict(dataset=str(data / "train.json"), tokenizer=str(data / "tok"), seq_len=320, max_chunks=2),
+             data=dict(dataset=str(data / "train.json"), tokenizer=str(data / "tok"), seq_len=512, max_chunks=2),
              grpo=dict(num_generations=3, prompts_per_step=2, num_iterations=2, beta=0.05, max_new_tokens=6,
                        rollout_batch=6, rewards=["test_grpo:weird_reward"]))
     d.update(kw)
