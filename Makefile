@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test test-all install clean demo demo-lora bench bench-tpu docs
+.PHONY: test test-all install clean demo demo-lora demo-grpo bench bench-tpu docs
 
 # The repository goes first on PYTHONPATH, so a clone tests its own code even where .venv's editable
 # install points at another checkout. Both tiers print their 15 slowest tests.
@@ -48,6 +48,12 @@ demo: $(VENV)/.installed
 # (configs/demo_lora.yaml); prints the held-out accuracy before and after.
 demo-lora: $(VENV)/.installed
 	@$(PY) -m mufun_jax.demo lora --out runs/demo
+
+# GRPO on the demo (configs/demo_grpo.yaml): the demo's SFT stopped early, then GRPO with the
+# multiple-choice accuracy reward on its weakest task; prints the held-out accuracy before and after
+# and draws runs/demo/report_grpo.png. Reuses make demo's data and warmup stage when present.
+demo-grpo: $(VENV)/.installed
+	@$(PY) -m mufun_jax.grpo.demo --out runs/demo
 
 # JAX vs the PyTorch reference, side by side on this machine: bench/results.{json,md} (README links
 # them). Run it on a quiet machine: about 30 minutes a round (three rounds) on 2 CPU cores. Not part of `make test`.

@@ -66,6 +66,8 @@ def _train(prog: str, args) -> int:
         except RuntimeError as e:
             raise ValueError(str(e)) from e
     try:
+        if cfg.recipe == "grpo":  # hand-off: GRPO has its own loop (mufun_jax/grpo/trainer.py)
+            from mufun_jax.grpo.trainer import train
         result = train(cfg, profile=args.profile, force=args.force)
         if result.get("preempted"):
             return EXIT_PREEMPTED

@@ -108,8 +108,18 @@ class TrainConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    recipe: str = "sft"  # sft (train_lib) | grpo (mufun_jax/grpo: rollouts on the engine, rewards, GRPO loss)
+    grpo: dict = dataclasses.field(default_factory=dict)  # recipe grpo's settings (mufun_jax/grpo/config.py)
 
     def __post_init__(self):
+        if self.recipe not in ("sft", "grpo"):
+            raise ValueError(f"recipe={self.recipe!r}: allowed 'sft' or 'grpo'")
+        if self.recipe == "grpo":
+            from mufun_jax.grpo.config import GRPOConfig  # validated now; a one-way import (grpo reads no config)
+
+            GRPOConfig.from_dict(self.grpo)
+        elif self.grpo:
+            raise ValueError("a grpo section is given but recipe is 'sft'; set recipe: grpo")
         bad = {k: v for k, v in self.trainable.items() if k not in MODULES or v not in TRAIN_MODES}
         if bad:
             raise ValueError(f"trainable={self.trainable}: modules are {MODULES} and modes {TRAIN_MODES}; bad: {bad}")
