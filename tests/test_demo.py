@@ -52,6 +52,7 @@ def test_the_demo_scores_itself_through_mufun_eval(short_demo):
     assert len((out / "eval" / "answers.jsonl").read_text().splitlines()) == 48
 
 
+@pytest.mark.slow  # the whole demo path, two steps a stage (about a minute on 2 cores): the quick tier's budget
 def test_two_steps_per_stage_run_the_whole_demo_path(tmp_path):
     """The quick tier's demo: the same code path as ``make demo`` (data, both stages through the
     demo configs, batched answers, accuracy.json and the report) with a few clips and two steps per
