@@ -84,7 +84,7 @@ SCRIPT = textwrap.dedent(r"""
 """)
 
 
-@pytest.mark.slow  # a fresh 8-device process (about 45 s); test_engine_mesh and the quick sharding rule tests stay quick
+@pytest.mark.slow  # a fresh 8-device process (about 45 s); the rule tests above stay quick
 def test_sharded_forward_equals_single_device():
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     r = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
