@@ -22,18 +22,6 @@ from mufun_jax.compile_cache import enable_compile_cache
 from mufun_jax.demo import CONFIGS, _stage, evaluate, prepare
 
 
-def with_choices(data: Path, split: str) -> Path:
-    """``{split}.json`` with each record's options (its task's answers) for the mc_accuracy reward."""
-    from mufun_jax.data.synth import TASKS
-
-    records = json.loads((data / f"{split}.json").read_text())
-    for r in records:
-        r["choices"] = list(TASKS[r["task"]][1].values())
-    out = data / f"grpo_{split}.json"
-    out.write_text(json.dumps(records))
-    return out
-
-
 def plot(run: Path, out: Path, task: str) -> Path:
     """Mean reward per step (train rollouts) and greedy held-out accuracy (eval rewards)."""
     import matplotlib
@@ -81,8 +69,7 @@ def run(out: str | Path = "runs/demo", *, configs: str | Path = CONFIGS, sft_ste
     task = min(before, key=lambda t: (before[t][0] / before[t][1], t))
     print(f"weakest task after {sft_steps} SFT steps: {task} ({before[task][0]}/{before[task][1]})")
     grpo_dir = out / "grpo"
-    args = [f"output_dir={grpo_dir}", f"init_from={sft / 'model'}", f"data.dataset={with_choices(data, 'train')}",
-            f"data.eval_dataset={with_choices(data, 'eval')}", f"data.tokenizer={data / 'tokenizer'}",
+    args = [f"output_dir={grpo_dir}", f"init_from={sft / 'model'}", *paths,
             f"grpo.tasks=[{task}]", *overrides]
     print(f"\n$ python train.py --config {configs / 'demo_grpo.yaml'} {' '.join(args)}", flush=True)
     if grpo_dir.exists():
