@@ -43,7 +43,7 @@ def plot(run: Path, out: Path, task: str) -> Path:
     return out
 
 
-def run(out: str | Path = "runs/demo", *, configs: str | Path = CONFIGS, sft_steps: int = 120,
+def run(out: str | Path = "runs/demo", *, configs: str | Path = CONFIGS, sft_steps: int = 160,
         overrides: tuple = ()) -> dict:
     from mufun_jax.cli import setup_logging
     from mufun_jax.grpo.trainer import train
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--configs", default=str(CONFIGS))
-    ap.add_argument("--sft-steps", type=int, default=120, help="where the demo's full stage stops (of 240)")
+    ap.add_argument("--sft-steps", type=int, default=160, help="where the demo's full stage stops (of 240)")
     args = ap.parse_args(argv)
     enable_compile_cache()
     run(args.out, configs=args.configs, sft_steps=args.sft_steps)
