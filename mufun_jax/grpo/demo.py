@@ -1,10 +1,11 @@
 """``make demo-grpo``: GRPO on the CPU demo (``python -m mufun_jax.grpo.demo [--out runs/demo]``).
 
 1. The demo's data and warmup stage (reused from ``make demo`` when present).
-2. The demo's full stage stopped early (``--sft-steps``, default 120 of 240), so that the model
-   is still weak: its weakest task is the one GRPO works on.
-3. ``configs/demo_grpo.yaml``: G sampled answers per clip of that task, the multiple-choice
-   accuracy reward (the evaluation's extractor; the options are the task's answers), the GRPO loss.
+2. The demo's full stage shortened (``--sft-steps``, default 160 of 240), so that the model is
+   still weak: its weakest task (instrument, at chance) is the one GRPO works on.
+3. ``configs/demo_grpo.yaml``: G sampled answers per clip of that task, the ``exact_match`` reward
+   (the held-out metric itself: a reward that differs from it gets gamed, as the extractor's
+   bare-letter rule was), the GRPO loss.
 4. Greedy held-out accuracy before and after (the demo's exact-match scoring), the line
    ``GRPO held-out accuracy: before X% -> after Y%``, and ``OUT/report_grpo.png`` with the reward
    and held-out accuracy curves.
