@@ -129,7 +129,12 @@ class GRPOTrainer(Trainer):
     def device_batch(self, batch: dict) -> dict:
         """Rows split over data x fsdp when they divide evenly, else replicated; audio replicated."""
         n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        rows = NamedSharding(self.mesh, P(BATCH_AXES)) if batch["input_ids"].shape[0] % n == 0 else self.replicated
+        b = batch["input_ids"].shape[0]
+        rows = NamedSharding(self.mesh, P(BATCH_AXES)) if b % n == 0 else self.replicated
+        if b % n and not getattr(self, "_warned_rows", False):
+            self._warned_rows = True  # every chip then computes every row: n times the work and memory
+            log.warning("%d rollout rows (prompts_per_step x num_generations) do not divide over data x fsdp = %d: "
+                        "the update's rows are replicated, not split; make P x G a multiple of %d", b, n, n)
         return {k: jax.device_put(v, rows if k in ROW_KEYS else self.replicated) for k, v in batch.items()}
 
     def policy(self, state):
