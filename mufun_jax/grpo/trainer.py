@@ -145,11 +145,12 @@ class GRPOTrainer(Trainer):
 # -- the loop --------------------------------------------------------------------------------------
 
 
-def _generator(model, gcfg: GRPOConfig, cfg: TrainConfig, stops):
+def _generator(model, gcfg: GRPOConfig, cfg: TrainConfig, stops, mesh=None):
     from mufun_jax.engine import Generator
 
+    # the training mesh: the KV cache is created sharded on it (as mufun_jax.grpo.aot compiles it)
     return Generator(model, max_new_tokens=gcfg.max_new_tokens, batch_size=gcfg.rollout_batch,
-                     buckets=(cfg.data.seq_len,), eos_token_id=stops, max_chunks=cfg.data.max_chunks)
+                     buckets=(cfg.data.seq_len,), eos_token_id=stops, max_chunks=cfg.data.max_chunks, mesh=mesh)
 
 
 def _texts(tokenizer, comps, stops):
@@ -217,7 +218,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
     if main:
         run_dir.write_config(out, cfg)
     stops = rollout.stop_ids(tokenizer, d.template)
-    gen = _generator(trainer.policy(state), gcfg, cfg, stops)
+    gen = _generator(trainer.policy(state), gcfg, cfg, stops, mesh)
     local = Path(cfg.output_dir) if "://" not in cfg.output_dir else Path("logs") / Path(cfg.output_dir).name
     writer = MetricsWriter(local, enabled=main)
     bar = tqdm(total=cfg.max_steps, initial=start, desc="grpo", disable=not (cfg.progress and main), unit="step")
@@ -232,6 +233,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
             t0 = time.perf_counter()
             prompts = source.batch(step, Pn)
             comps = rollout.generate(gen, rollout.requests(prompts, step, gcfg, cfg.seed))
+            gen._cache = None  # free the decode slots' KV cache (GiBs per chip at 8B) before the update
             texts = _texts(tokenizer, comps, stops)
             per, total = rewards_lib.score(gcfg.rewards, [p.text for p in prompts for _ in range(G)], texts,
                                            _fields(prompts, G))
