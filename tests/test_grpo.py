@@ -123,7 +123,17 @@ REWARD_TABLE = [  # (reward, completion, gold answer, choices, expected)
     ("mc_accuracy", "A sine wave.", "A sine wave.", ["A sine wave.", "A square wave."], 1.0),
     ("mc_accuracy", "A square wave.", "A sine wave.", ["A sine wave.", "A square wave."], 0.0),
     ("mc_accuracy", "No idea.", "A sine wave.", ["A sine wave.", "A square wave."], 0.0),
+    ("exact_match", " A sine wave.\n", "A sine wave.", None, 1.0),
+    ("exact_match", "A.", "A sine wave.", ["A sine wave.", "A square wave."], 0.0),  # no letter rule
+    ("exact_match", "A sine wave. A sine wave.", "A sine wave.", None, 0.0),
+    ("exact_match", "a sine wave.", "A sine wave.", None, 0.0),
+    ("exact_match", "", "", None, 0.0),  # no gold answer: nothing to match
 ]
+
+
+def test_exact_match_ignore_case():
+    got = R.resolve("exact_match")(["q"] * 2, ["a  SINE wave.", "a sine"], answer=["A sine wave."] * 2, ignore_case=True)
+    assert got == [1.0, 0.0]
 
 
 @pytest.mark.parametrize("name,completion,answer,choices,expected", REWARD_TABLE)

@@ -1,10 +1,11 @@
 """``make demo-grpo``: GRPO on the CPU demo (``python -m mufun_jax.grpo.demo [--out runs/demo]``).
 
 1. The demo's data and warmup stage (reused from ``make demo`` when present).
-2. The demo's full stage stopped early (``--sft-steps``, default 120 of 240), so that the model
-   is still weak: its weakest task is the one GRPO works on.
-3. ``configs/demo_grpo.yaml``: G sampled answers per clip of that task, the multiple-choice
-   accuracy reward (the evaluation's extractor; the options are the task's answers), the GRPO loss.
+2. The demo's full stage shortened (``--sft-steps``, default 160 of 240), so that the model is
+   still weak: its weakest task (instrument, at chance) is the one GRPO works on.
+3. ``configs/demo_grpo.yaml``: G sampled answers per clip of that task, the ``exact_match`` reward
+   (the held-out metric itself: a reward that differs from it gets gamed, as the extractor's
+   bare-letter rule was), the GRPO loss.
 4. Greedy held-out accuracy before and after (the demo's exact-match scoring), the line
    ``GRPO held-out accuracy: before X% -> after Y%``, and ``OUT/report_grpo.png`` with the reward
    and held-out accuracy curves.
@@ -20,18 +21,6 @@ from pathlib import Path
 
 from mufun_jax.compile_cache import enable_compile_cache
 from mufun_jax.demo import CONFIGS, _stage, evaluate, prepare
-
-
-def with_choices(data: Path, split: str) -> Path:
-    """``{split}.json`` with each record's options (its task's answers) for the mc_accuracy reward."""
-    from mufun_jax.data.synth import TASKS
-
-    records = json.loads((data / f"{split}.json").read_text())
-    for r in records:
-        r["choices"] = list(TASKS[r["task"]][1].values())
-    out = data / f"grpo_{split}.json"
-    out.write_text(json.dumps(records))
-    return out
 
 
 def plot(run: Path, out: Path, task: str) -> Path:
@@ -55,7 +44,7 @@ def plot(run: Path, out: Path, task: str) -> Path:
     return out
 
 
-def run(out: str | Path = "runs/demo", *, configs: str | Path = CONFIGS, sft_steps: int = 120,
+def run(out: str | Path = "runs/demo", *, configs: str | Path = CONFIGS, sft_steps: int = 160,
         overrides: tuple = ()) -> dict:
     from mufun_jax.cli import setup_logging
     from mufun_jax.grpo.trainer import train
@@ -81,8 +70,7 @@ def run(out: str | Path = "runs/demo", *, configs: str | Path = CONFIGS, sft_ste
     task = min(before, key=lambda t: (before[t][0] / before[t][1], t))
     print(f"weakest task after {sft_steps} SFT steps: {task} ({before[task][0]}/{before[task][1]})")
     grpo_dir = out / "grpo"
-    args = [f"output_dir={grpo_dir}", f"init_from={sft / 'model'}", f"data.dataset={with_choices(data, 'train')}",
-            f"data.eval_dataset={with_choices(data, 'eval')}", f"data.tokenizer={data / 'tokenizer'}",
+    args = [f"output_dir={grpo_dir}", f"init_from={sft / 'model'}", *paths,
             f"grpo.tasks=[{task}]", *overrides]
     print(f"\n$ python train.py --config {configs / 'demo_grpo.yaml'} {' '.join(args)}", flush=True)
     if grpo_dir.exists():
@@ -113,7 +101,7 @@ def main(argv=None) -> int:
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--configs", default=str(CONFIGS))
-    ap.add_argument("--sft-steps", type=int, default=120, help="where the demo's full stage stops (of 240)")
+    ap.add_argument("--sft-steps", type=int, default=160, help="where the demo's full stage stops (of 240)")
     args = ap.parse_args(argv)
     enable_compile_cache()
     run(args.out, configs=args.configs, sft_steps=args.sft_steps)

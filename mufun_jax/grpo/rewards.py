@@ -16,6 +16,9 @@ Built-ins (:data:`BUILTIN`):
 - ``mc_accuracy``: multiple-choice accuracy through the evaluation's extractor
   (:func:`mufun_jax.evaluate.extract.regex_extract`): the option letter the completion names equals
   the gold one. The options are the record's ``choices`` (or the kwarg ``options``).
+- ``exact_match``: the completion, stripped, is the gold answer (with ``ignore_case``, up to case).
+  The demo's held-out metric; a reward that equals the metric cannot be gamed around it, as the
+  extractor's bare-letter rule was (``"A."`` read as option A).
 """
 
 from __future__ import annotations
@@ -42,6 +45,11 @@ def label_once(prompts, completions, answer, **kw) -> list[float]:
         label = _label_text(a)
         out.append(1.0 if label and c.count(label) == 1 else 0.0)
     return out
+
+
+def exact_match(prompts, completions, answer, ignore_case: bool = False, **kw) -> list[float]:
+    norm = (lambda t: " ".join((t or "").split()).lower()) if ignore_case else (lambda t: (t or "").strip())
+    return [1.0 if norm(a) and norm(c) == norm(a) else 0.0 for c, a in zip(completions, answer)]
 
 
 def wer(prompts, completions, answer, **kw) -> list[float]:
@@ -111,7 +119,7 @@ def mc_accuracy(prompts, completions, answer, choices=None, options: Sequence[st
     return out
 
 
-BUILTIN: dict[str, RewardFn] = {"label_once": label_once, "wer": wer, "r1aqa_accuracy": r1aqa_accuracy,
+BUILTIN: dict[str, RewardFn] = {"label_once": label_once, "exact_match": exact_match, "wer": wer, "r1aqa_accuracy": r1aqa_accuracy,
                                 "r1aqa_format": r1aqa_format, "mc_accuracy": mc_accuracy}
 
 

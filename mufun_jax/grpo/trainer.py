@@ -129,7 +129,12 @@ class GRPOTrainer(Trainer):
     def device_batch(self, batch: dict) -> dict:
         """Rows split over data x fsdp when they divide evenly, else replicated; audio replicated."""
         n = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
-        rows = NamedSharding(self.mesh, P(BATCH_AXES)) if batch["input_ids"].shape[0] % n == 0 else self.replicated
+        b = batch["input_ids"].shape[0]
+        rows = NamedSharding(self.mesh, P(BATCH_AXES)) if b % n == 0 else self.replicated
+        if b % n and not getattr(self, "_warned_rows", False):
+            self._warned_rows = True  # every chip then computes every row: n times the work and memory
+            log.warning("%d rollout rows (prompts_per_step x num_generations) do not divide over data x fsdp = %d: "
+                        "the update's rows are replicated, not split; make P x G a multiple of %d", b, n, n)
         return {k: jax.device_put(v, rows if k in ROW_KEYS else self.replicated) for k, v in batch.items()}
 
     def policy(self, state):
@@ -140,11 +145,12 @@ class GRPOTrainer(Trainer):
 # -- the loop --------------------------------------------------------------------------------------
 
 
-def _generator(model, gcfg: GRPOConfig, cfg: TrainConfig, stops):
+def _generator(model, gcfg: GRPOConfig, cfg: TrainConfig, stops, mesh=None):
     from mufun_jax.engine import Generator
 
+    # the training mesh: the KV cache is created sharded on it (as mufun_jax.grpo.aot compiles it)
     return Generator(model, max_new_tokens=gcfg.max_new_tokens, batch_size=gcfg.rollout_batch,
-                     buckets=(cfg.data.seq_len,), eos_token_id=stops, max_chunks=cfg.data.max_chunks)
+                     buckets=(cfg.data.seq_len,), eos_token_id=stops, max_chunks=cfg.data.max_chunks, mesh=mesh)
 
 
 def _texts(tokenizer, comps, stops):
@@ -212,7 +218,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
     if main:
         run_dir.write_config(out, cfg)
     stops = rollout.stop_ids(tokenizer, d.template)
-    gen = _generator(trainer.policy(state), gcfg, cfg, stops)
+    gen = _generator(trainer.policy(state), gcfg, cfg, stops, mesh)
     local = Path(cfg.output_dir) if "://" not in cfg.output_dir else Path("logs") / Path(cfg.output_dir).name
     writer = MetricsWriter(local, enabled=main)
     bar = tqdm(total=cfg.max_steps, initial=start, desc="grpo", disable=not (cfg.progress and main), unit="step")
@@ -227,6 +233,7 @@ def train(cfg: TrainConfig, *, profile: bool = False, on_step: Callable[[int, di
             t0 = time.perf_counter()
             prompts = source.batch(step, Pn)
             comps = rollout.generate(gen, rollout.requests(prompts, step, gcfg, cfg.seed))
+            gen._cache = None  # free the decode slots' KV cache (GiBs per chip at 8B) before the update
             texts = _texts(tokenizer, comps, stops)
             per, total = rewards_lib.score(gcfg.rewards, [p.text for p in prompts for _ in range(G)], texts,
                                            _fields(prompts, G))
