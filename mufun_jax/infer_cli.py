@@ -5,10 +5,10 @@ output writers (:mod:`mufun_jax.outputs`); the shared CLI conventions live in :m
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-from mufun_jax.cli_base import ArgumentParser, DefaultsHelpFormatter, add_common, invoked_as, run_cli, setup_logging
+from mufun_jax.cli_base import (ArgumentParser, DefaultsHelpFormatter, add_common, exit_with, invoked_as, run_cli,
+                                setup_logging)
 from mufun_jax.compile_cache import enable_compile_cache
 from mufun_jax.errors import EXIT_PREEMPTED
 
@@ -272,12 +272,5 @@ def _infer(ap, args) -> int:
     return 1 if n_failed else 0
 
 def infer_entry() -> None:
-    """``infer.py`` / ``mufun-infer`` as a program. On rc 2 nothing was written, so the process ends
-    without the interpreter's teardown: after a damaged checkpoint, Orbax's abandoned reads would
-    otherwise print hundreds of lines of tracebacks below the one-line error."""
-    rc = infer_main()
-    if rc == 2:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(2)
-    sys.exit(rc)
+    """``infer.py`` / ``mufun-infer`` as a program (see :func:`mufun_jax.cli_base.exit_with`)."""
+    exit_with(infer_main())

@@ -296,14 +296,10 @@ def main(argv=None) -> int:
 
 
 def entry() -> None:
-    """The console script: on rc 2 nothing was written, so skip the interpreter's teardown (as
-    infer.py does: a damaged checkpoint's abandoned reads would print tracebacks)."""
-    rc = main()
-    if rc == 2:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(2)
-    sys.exit(rc)
+    """The console script (see :func:`mufun_jax.cli_base.exit_with`)."""
+    from mufun_jax.cli_base import exit_with
+
+    exit_with(main())
 
 
 if __name__ == "__main__":
