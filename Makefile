@@ -1,7 +1,10 @@
 # `make test` works from a fresh clone with only python3: it builds .venv, installs .[test], runs the
 # quick tier of pytest (every module, minus the tests marked slow); `make test-all` runs everything
 # and builds the docs site (mkdocs.yml) with --strict, so a broken link between pages fails it.
-PYTHON ?= python3
+# jax 0.11 and later need Python 3.12 or newer: take the first such interpreter on PATH or in pyenv,
+# or PYTHON=/path/to/python3.12.
+PYTHON ?= $(shell for p in python3.12 python3.13 python3.14 python3 $$HOME/.pyenv/versions/3.1[2-9]*/bin/python; do \
+	$$p -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -33,6 +36,10 @@ install: $(VENV)/.installed
 LIBTPU = $(VENV)/libtpu
 
 $(VENV)/.installed: setup.cfg pyproject.toml
+	@test -n "$(PYTHON)" || { echo "make: no Python 3.12 or newer found (tried python3.12, python3.13, python3.14," \
+		"python3 and ~/.pyenv/versions/3.1x); jax 0.12 needs one: install it or pass PYTHON=/path/to/python3.12" >&2; exit 2; }
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), sys.version' 2>/dev/null || { \
+		echo "make: PYTHON=$(PYTHON) is older than 3.12; jax 0.12 needs 3.12 or newer" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
@@ -64,22 +71,20 @@ bench: $(VENV)/.installed
 
 # Our train step and MaxText's Qwen3-8B, compiled ahead of time for v5p-128 and v6e-64 on this CPU
 # host and compared per chip (bench/tpu_vs_maxtext.py -> bench/tpu_vs_maxtext.{json,md}; docs/tpu.md).
-# MaxText needs Python 3.12+, so this builds its own environment: maxtext[tpu] and this project
-# share one jax and libtpu. About 30 minutes on 2 cores. Not part of `make test`.
-PY312 ?= $(shell for p in $$HOME/.pyenv/versions/3.1[2-9]*/bin/python python3.12 python3.13; do \
-	$$p -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
-TPU_VENV ?= .venv-tpu
-
-$(TPU_VENV)/.installed: setup.cfg pyproject.toml
-	@test -n "$(PY312)" || { echo "make bench-tpu: MaxText needs Python 3.12 or newer; set PY312=/path/to/python3.12"; exit 2; }
-	$(PY312) -m venv $(TPU_VENV)
-	$(TPU_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(TPU_VENV)/bin/python -m pip install --quiet "maxtext[tpu]==0.2.5"
-	$(TPU_VENV)/bin/python -m pip install --quiet -e .
+# MaxText's pins (maxtext[tpu]==0.2.5: jax>=0.11.1, flax>=0.12.9, libtpu>=0.0.46, transformers>=5.17)
+# admit this project's set, so it goes into $(VENV), held to the versions already there; the libtpu it
+# brings into site-packages is removed again (every CPU process of the venv would start a TPU runtime)
+# and both sides compile with $(LIBTPU), as the AOT tests do. About 30 minutes on 2 cores. Not part of
+# `make test`.
+$(VENV)/.maxtext: $(VENV)/.installed
+	$(PY) -m pip freeze | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|grain|transformers|torch|numpy)==' \
+		> $(VENV)/maxtext-constraints.txt
+	$(PY) -m pip install --quiet -c $(VENV)/maxtext-constraints.txt "maxtext[tpu]==0.2.5"
+	$(PY) -m pip uninstall --quiet -y libtpu
 	touch $@
 
-bench-tpu: $(TPU_VENV)/.installed
-	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python bench/tpu_vs_maxtext.py --out bench
+bench-tpu: $(VENV)/.maxtext
+	PYTHONPATH=$(CURDIR):$(LIBTPU)$${PYTHONPATH:+:$$PYTHONPATH} JAX_PLATFORMS=cpu $(PY) bench/tpu_vs_maxtext.py --out bench
 
 clean:
-	rm -rf $(VENV) $(TPU_VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache

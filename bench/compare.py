@@ -31,6 +31,12 @@ Rows (each measured for both sides, with the ratio ours / reference):
    with ``WhisperFeatureExtractor`` on the host (reference) or our jitted ``audio.log_mel_spectrogram``
    on the device (ours).
 
+Precision (``--precision``, default both on CPU): every row and component is measured in fp32 (both
+sides fp32 throughout) and in bf16. At bf16 our side computes in bf16 with fp32 master weights in
+training (as on TPU) and holds bf16 weights in inference; the reference trains under bf16 autocast
+(HF Trainer's ``bf16=True``) and runs bf16 modules in inference and in the component profile. Each
+row, component and tagging summary carries its ``precision``.
+
 Method: the two training sides run alternately (``--repeats`` rounds, the order swapped every round),
 each in a fresh child process (so peak RSS and compile time are per round). For inference and the input
 pipeline each side has one long-lived child (ours compiles once), and the parent alternates the systems
@@ -102,6 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--parallel", action="store_true",
                     help="smoke tests only: run the training and the inference phases at the same time "
                          "(the timings are then not comparable)")
+    ap.add_argument("--precision", default=None,
+                    help="comma-separated, each of fp32 and bf16: every workload runs in each (default: fp32,bf16 "
+                         "on CPU, bf16 on GPU)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -120,36 +129,52 @@ def main(argv=None) -> int:
                        if r * t <= 32768]
     if args.remat:
         s.remat = args.remat
+    precisions = (args.precision or ("bf16" if args.device == "gpu" else "fp32,bf16")).split(",")
+    if not precisions or any(p not in ("fp32", "bf16") for p in precisions) or len(set(precisions)) < len(precisions):
+        ap.error(f"--precision {args.precision!r}: expected fp32, bf16 or fp32,bf16")
     facts = settings.machine_facts()
     print(f"compare: {'tiny' if args.tiny else 'full'} settings on {args.device}, {args.repeats} rounds; "
           f"{facts['cpu_count']} cores, load {facts['loadavg_start']}", file=sys.stderr, flush=True)
     if args.only_profile:
-        print(components.markdown(components.run_profile(s, 1, args.timeout), s))  # each piece: best of 3 calls
+        for p in precisions:  # each piece: best of 3 calls
+            print(components.markdown(components.run_profile(dataclasses.replace(s, precision=p), 1, args.timeout), s))
         return 0
     if args.only_tagging or args.only_inference:
-        return _update_inference(s, args, facts)
-    if args.parallel:
-        from concurrent.futures import ThreadPoolExecutor
+        return _update_inference(s, args, facts, precisions)
+    runs = {}
+    for p in precisions:  # every workload in each precision, fp32 first
+        sp = dataclasses.replace(s, precision=p)
+        print(f"compare: precision {p}", file=sys.stderr, flush=True)
+        if args.parallel:
+            from concurrent.futures import ThreadPoolExecutor
 
-        children.CHILD_ENV.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # two children share the cores
-        with ThreadPoolExecutor(2) as pool:
-            f_train = pool.submit(training.run_training, s, args.repeats, args.timeout)
-            f_inf = pool.submit(inference.run_inference, s, args.repeats, args.timeout)
-            train, inf = f_train.result(), f_inf.result()
-    else:
-        train = training.run_training(s, args.repeats, args.timeout)
-        inf = inference.run_inference(s, args.repeats, args.timeout)
-    prof = components.run_profile(s, 1, args.timeout) if args.profile else None  # each piece: best of 3 calls
+            children.CHILD_ENV.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # two children share the cores
+            with ThreadPoolExecutor(2) as pool:
+                f_train = pool.submit(training.run_training, sp, args.repeats, args.timeout)
+                f_inf = pool.submit(inference.run_inference, sp, args.repeats, args.timeout)
+                train, inf = f_train.result(), f_inf.result()
+        else:
+            train = training.run_training(sp, args.repeats, args.timeout)
+            inf = inference.run_inference(sp, args.repeats, args.timeout)
+        prof = components.run_profile(sp, 1, args.timeout) if args.profile else None  # each piece: best of 3 calls
+        runs[p] = {"train": train, "inf": inf, "prof": prof,
+                   "rows": [dict(r, precision=p) for r in report.build_rows(sp, train, inf, args.peak_tflops)]}
     facts["loadavg_end"] = list(os.getloadavg())
+    first = runs[precisions[0]]["train"]
     res = {"mode": "tiny" if args.tiny else "full", "device": args.device, "repeats": args.repeats,
-           "parallel": args.parallel,
+           "parallel": args.parallel, "precisions": precisions,
            "command": " ".join(["python bench/compare.py"] + list(sys.argv[1:] if argv is None else argv)),
            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": facts,
-           "facts": {**train["ref"][0]["facts"], **train["ours"][0]["facts"]},
-           "settings": dataclasses.asdict(s), "packing": train["ours"][0]["train_full"]["packing"],
-           "rows": report.build_rows(s, train, inf, args.peak_tflops), "infer_meta": inf["infer_meta"], "profile": prof,
-           "inference_tagging": _tagging_summary(inf["tagging"]),
-           "raw": {"ours_train": train["ours"], "ref_train": train["ref"], "infer": inf}}
+           "facts": {**first["ref"][0]["facts"], **first["ours"][0]["facts"]},
+           "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "precision"}, "packing": first["ours"][0]["train_full"]["packing"],
+           "rows": [r for p in precisions for r in runs[p]["rows"]],
+           "infer_meta": {p: runs[p]["inf"]["infer_meta"] for p in precisions},
+           "profile": None if not args.profile else {
+               "chunks": components.PROF_CHUNKS, "tokens": components.PROF_TOKENS,
+               "components": [c for p in precisions for c in runs[p]["prof"]["components"]]},
+           "inference_tagging": {p: _tagging_summary(runs[p]["inf"]["tagging"]) for p in precisions},
+           "raw": {p: {"ours_train": runs[p]["train"]["ours"], "ref_train": runs[p]["train"]["ref"],
+                       "infer": runs[p]["inf"]} for p in precisions}}
     report.write(res, Path(args.out))
     return 0
 
@@ -158,9 +183,10 @@ def _tagging_summary(tag: dict) -> dict:
     return {**tagging.rows(tag)[1], "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
-def _update_inference(s: Settings, args, facts: dict) -> int:
+def _update_inference(s: Settings, args, facts: dict, precisions: list[str]) -> int:
     """--only-tagging / --only-inference: measure the tagging workload (or every inference row:
-    16 requests, tagging, input pipeline) and replace those rows in an existing results.json."""
+    16 requests, tagging, input pipeline) in each precision and replace those rows in an existing
+    results.json."""
     out = Path(args.out)
     old = out / "results.json"
     flag = "--only-tagging" if args.only_tagging else "--only-inference"
@@ -169,19 +195,31 @@ def _update_inference(s: Settings, args, facts: dict) -> int:
               file=sys.stderr)
         return 2
     res = json.loads(old.read_text())
-    inf = inference.run_inference(s, args.repeats, args.timeout, tagging_only=args.only_tagging)
-    if args.only_tagging:
-        new_rows, replaced = tagging.rows(inf["tagging"])[0], ("tagging:",)
-    else:
-        new_rows, replaced = inference.rows(s, inf) + pipeline.rows(inf), ("tagging:", "inference,", "input pipeline")
-        res["infer_meta"] = inf["infer_meta"]
-    names = {r["row"] for r in new_rows}
-    kept = [r for r in res["rows"] if r["row"] not in names and not r["row"].startswith(replaced)]
-    at = next((i for i, r in enumerate(kept) if r["row"].startswith("peak RSS")), len(kept))
-    res["rows"] = kept[:at] + new_rows + kept[at:]
-    res["inference_tagging"] = _tagging_summary(inf["tagging"])
-    res.setdefault("raw", {})["tagging" if args.only_tagging else "infer"] = (
-        inf["tagging"] if args.only_tagging else inf)
+    if "precisions" not in res:
+        print(f"compare: {old} predates --precision (one precision, no precision keys): run the whole comparison",
+              file=sys.stderr)
+        return 2
+    for p in precisions:
+        inf = inference.run_inference(dataclasses.replace(s, precision=p), args.repeats, args.timeout,
+                                      tagging_only=args.only_tagging)
+        if args.only_tagging:
+            new_rows, replaced = tagging.rows(inf["tagging"])[0], ("tagging:",)
+        else:
+            new_rows = inference.rows(s, inf) + pipeline.rows(inf)
+            replaced = ("tagging:", "inference,", "input pipeline")
+            res["infer_meta"][p] = inf["infer_meta"]
+        new_rows = [dict(r, precision=p) for r in new_rows]
+        names = {r["row"] for r in new_rows}
+        mine = [r for r in res["rows"] if r.get("precision") == p]
+        kept = [r for r in mine if r["row"] not in names and not r["row"].startswith(replaced)]
+        at = next((i for i, r in enumerate(kept) if r["row"].startswith("peak RSS")), len(kept))
+        others = [r for r in res["rows"] if r.get("precision") != p]
+        res["rows"] = others + kept[:at] + new_rows + kept[at:]
+        res["inference_tagging"][p] = _tagging_summary(inf["tagging"])
+        raw = res.setdefault("raw", {}).setdefault(p, {})
+        raw["tagging" if args.only_tagging else "infer"] = inf["tagging"] if args.only_tagging else inf
+    res["rows"].sort(key=lambda r: res["precisions"].index(r["precision"]) if r.get("precision") in res["precisions"]
+                     else len(res["precisions"]))  # stable: each precision's rows keep their order
     command = " ".join(["python bench/compare.py"] + sys.argv[1:])
     # these rows may come from another machine than the rest of the table: say which
     machine = {**facts, "loadavg_end": list(os.getloadavg())}

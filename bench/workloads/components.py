@@ -12,7 +12,7 @@ import numpy as np
 
 from .children import Child
 from .rows import stats
-from .settings import Settings, autocast, build_reference, log, model_config, run_settings
+from .settings import Settings, build_reference, log, model_config, run_settings, torch_dtype
 
 PROF_CHUNKS = 4  # 30 s chunks through the encoder
 PROF_TOKENS = 1536  # one causal sequence through the LLM
@@ -81,38 +81,36 @@ def ref_child(s: Settings, workdir: str):
     import torch
 
     cfg = model_config(s)
-    ref = build_reference(cfg, seed=0, device=s.device)
+    dt = torch_dtype(s)  # bf16 modules at bf16: the reference's own bf16 kernels, no autocast casts
+    ref = build_reference(cfg, seed=0, device=s.device).to(dt)
     ref.train()
     dev = "cuda" if s.device == "gpu" else "cpu"
     g = torch.Generator().manual_seed(0)
-    mel = (torch.rand(PROF_CHUNKS, cfg.whisper.num_mel_bins, cfg.whisper.num_frames, generator=g) * 2 - 1).to(dev)
-    emb = torch.randn(1, PROF_TOKENS, cfg.qwen3.hidden_size, generator=g).to(dev).requires_grad_(True)
-    h = torch.randn(PROF_TOKENS, cfg.qwen3.hidden_size, generator=g).to(dev).requires_grad_(True)
+    mel = (torch.rand(PROF_CHUNKS, cfg.whisper.num_mel_bins, cfg.whisper.num_frames, generator=g) * 2 - 1).to(dev, dt)
+    emb = torch.randn(1, PROF_TOKENS, cfg.qwen3.hidden_size, generator=g).to(dev, dt).requires_grad_(True)
+    h = torch.randn(PROF_TOKENS, cfg.qwen3.hidden_size, generator=g).to(dev, dt).requires_grad_(True)
     tgt = torch.randint(0, cfg.qwen3.vocab_size, (PROF_TOKENS,), generator=g).to(dev)
     enc, lm = ref.vision_tower._vision_tower, ref.language_model
     sync = torch.cuda.synchronize if s.device == "gpu" else (lambda: None)
 
     def enc_fwd():
-        with torch.no_grad(), autocast(s.device):
+        with torch.no_grad():
             out = enc(mel, output_hidden_states=True)
             sum(out.hidden_states[i].float().sum() for i in cfg.taps).item()
 
     def enc_train():
-        with autocast(s.device):
-            out = enc(mel, output_hidden_states=True)
-            loss = sum(out.hidden_states[i].float().sum() for i in cfg.taps)
+        out = enc(mel, output_hidden_states=True)
+        loss = sum(out.hidden_states[i].float().sum() for i in cfg.taps)
         loss.backward()
         sync()
 
     def lm_train():
-        with autocast(s.device):
-            loss = lm.model(inputs_embeds=emb).last_hidden_state.float().sum()
+        loss = lm.model(inputs_embeds=emb).last_hidden_state.float().sum()
         loss.backward()
         sync()
 
     def head_train():
-        with autocast(s.device):
-            loss = torch.nn.functional.cross_entropy(lm.lm_head(h).float(), tgt, reduction="sum")
+        loss = torch.nn.functional.cross_entropy(lm.lm_head(h).float(), tgt, reduction="sum")
         loss.backward()
         sync()
 
@@ -142,7 +140,7 @@ def run_profile(s: Settings, repeats: int, timeout: float) -> dict:
     for k in flops:
         o, r = [x[k]["wall"] for x in res["ours"]], [x[k]["wall"] for x in res["ref"]]
         oc, rc = [x[k]["cpu"] for x in res["ours"]], [x[k]["cpu"] for x in res["ref"]]
-        out.append({"component": k, "flops": flops[k], "ours_s": stats(o), "ref_s": stats(r),
+        out.append({"component": k, "precision": s.precision, "flops": flops[k], "ours_s": stats(o), "ref_s": stats(r),
                     "ours_cpu_s": stats(oc), "ref_cpu_s": stats(rc),
                     "speedup": statistics.median(r) / statistics.median(o)})
     return {"chunks": PROF_CHUNKS, "tokens": PROF_TOKENS, "components": out}
@@ -150,11 +148,11 @@ def run_profile(s: Settings, repeats: int, timeout: float) -> dict:
 
 def markdown(prof: dict, s: Settings) -> str:
     unit, scale = ("TFLOP/s", 1e12) if s.device == "gpu" else ("GFLOP/s", 1e9)
-    lines = [f"| component ({prof['chunks']} chunks / {prof['tokens']} tokens) | ours s (CPU s) | reference s (CPU s) "
-             f"| ours {unit} | reference {unit} | ours faster by |", "|---|---|---|---|---|---|"]
+    lines = [f"| component ({prof['chunks']} chunks / {prof['tokens']} tokens) | precision | ours s (CPU s) "
+             f"| reference s (CPU s) | ours {unit} | reference {unit} | ours faster by |", "|---|---|---|---|---|---|---|"]
     for c in prof["components"]:
         o, r = c["ours_s"]["median"], c["ref_s"]["median"]
-        lines.append(f"| {c['component']} | {o:.3f} ({c['ours_cpu_s']['median']:.2f}) | {r:.3f} "
+        lines.append(f"| {c['component']} | {c.get('precision', 'fp32')} | {o:.3f} ({c['ours_cpu_s']['median']:.2f}) | {r:.3f} "
                      f"({c['ref_cpu_s']['median']:.2f}) | {c['flops'] / o / scale:.1f} | {c['flops'] / r / scale:.1f} "
                      f"| {c['speedup']:.2f}x |")
     return "\n".join(lines) + "\n"

@@ -20,7 +20,8 @@ import numpy as np
 from . import pipeline, tagging
 from .children import Child
 from .rows import row
-from .settings import PROMPTS, Settings, build_reference, jax_facts, log, model_config, run_settings, torch_facts
+from .settings import PROMPTS, Settings, build_reference, jax_facts, log, model_config, run_settings, torch_dtype, \
+    torch_facts
 from .synthetic import infer_flops, synth_wave
 
 
@@ -36,9 +37,11 @@ def make_reference_engine(ref, tok, stop_ids, device: str):
             self.dev = "cuda" if device == "gpu" else "cpu"
 
         def inputs(self, req):
-            if self.dev == "cpu":
+            import torch
+
+            if self.dev == "cpu" and next(self.ref.parameters()).dtype == torch.float32:
                 return super().inputs(req)
-            return self.device_inputs(req)
+            return self.device_inputs(req)  # on the GPU, or bf16 modules (the features cast to bf16)
 
         def device_inputs(self, req):  # Reference.inputs, built on self.dev
             import torch
@@ -109,8 +112,7 @@ def ref_child(s: Settings, workdir: str):
     with torch.no_grad():
         ref.language_model.lm_head.weight.mul_(4.0)  # decisive argmaxes, so both sides pick the same tokens
     np.savez(wd / "weights.npz", **ref.combined_state_dict())
-    if s.device == "gpu":
-        ref = ref.to("cuda").to(torch.bfloat16)
+    ref = ref.to("cuda" if s.device == "gpu" else "cpu").to(torch_dtype(s))  # bf16 modules at bf16
     stop_ids = [2, 0]  # <|im_end|>, <|endoftext|> of build_tokenizer; mufun_jax.MuFun finds the same
     requests = []
     for i in range(s.n_requests):
@@ -127,7 +129,7 @@ def ref_child(s: Settings, workdir: str):
     tagging.make_requests(s, wd, rng, tok, cfg, synth_wave)
     reference = make_reference_engine(ref, tok, stop_ids, s.device)
     reqs = [_request_fields(r) for r in requests]
-    if s.device == "cpu":  # the device-aware splice (used on GPU) equals Reference.inputs
+    if s.device == "cpu" and s.precision == "fp32":  # the device-aware splice (GPU, bf16) equals Reference.inputs
         with torch.no_grad():
             a, b = reference.inputs(reqs[0]), reference.device_inputs(reqs[0])
         assert a.shape == b.shape and float((a - b).abs().max()) < 1e-5, "device_inputs != Reference.inputs"
@@ -160,7 +162,10 @@ def ours_child(s: Settings, workdir: str):
 
     wd = Path(workdir)
     cfg = model_config(s)
-    model = MuFun(cfg, run_settings(s).replace(remat_policy="none"), rngs=nnx.Rngs(0))
+    run = run_settings(s).replace(remat_policy="none")
+    if s.precision == "bf16":  # inference holds bf16 weights, as the reference's bf16 modules do
+        run = run.replace(param_dtype="bfloat16")
+    model = MuFun(cfg, run, rngs=nnx.Rngs(0))
     with np.load(wd / "weights.npz") as z:
         load_params(model, torch_to_flax(dict(z), cfg))
     tok = dataset_tokenizer(wd / "tok")

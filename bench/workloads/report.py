@@ -25,39 +25,42 @@ def markdown(res: dict) -> str:
              f"the start, {m['loadavg_end'][0]:.2f} at the end: numbers from a busy machine are not comparable"
              + (" (and with --parallel the phases shared the cores: smoke test only)." if res.get("parallel")
                 else "."), "",
-             "| row | metric | ours | reference | ratio | target |", "|---|---|---|---|---|---|"]
+             "| row | precision | metric | ours | reference | ratio | target |", "|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
         cell = lambda st: f"{fmt(st['median'])} [{fmt(st['min'])}-{fmt(st['max'])}]" if st else "-"
         ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}x" + ("" if r.get("higher_is_better", True)
                                                                         else " (lower is better)")
         tgt = "" if "target" not in r else f">= {r['target']}x: {'met' if r['target_met'] else '**missed**'}"
-        lines.append(f"| {r['row']} | {r['metric']} | {cell(r['ours'])} | {cell(r['reference'])} | {ratio} | {tgt} |")
-    inf = res["infer_meta"]
+        lines.append(f"| {r['row']} | {r.get('precision', '')} | {r['metric']} | {cell(r['ours'])} | "
+                     f"{cell(r['reference'])} | {ratio} | {tgt} |")
     lines += ["", "## Setup", "",
               f"- model: Whisper {s['whisper']}, taps {s['taps']}, `{s['connector_type']}`; Qwen3 {s['qwen3']}",
               f"- data: {s['train_samples']} timed training samples (+{s['warm_samples']} warm-up), clips "
               f"{s['clip_s'][0]:g}-{s['clip_s'][1]:g} s, prompts {s['prompt_tokens'][0]}-{s['prompt_tokens'][1]} "
               f"tokens, answers {s['answer_tokens'][0]}-{s['answer_tokens'][1]} tokens",
-              f"- ours: packing rows x seq_len x max_chunks = {res['packing']}, remat `{s['remat']}`, "
-              f"{'bf16' if s['device'] == 'gpu' else 'fp32'} compute, AdamW + clipping",
+              f"- ours: packing rows x seq_len x max_chunks = {res['packing']}, remat `{s['remat']}`, AdamW + "
+              f"clipping; fp32: fp32 throughout; bf16: bf16 compute with fp32 master weights in training, bf16 "
+              f"weights in inference",
               f"- reference: batches of {s['ref_batch']} right-padded samples, {s['ref_accum']} per optimizer step, "
-              f"sdpa attention, fused AdamW + clipping{', bf16 autocast' if s['device'] == 'gpu' else ', fp32'}",
-              f"- inference: {inf['requests']} requests, {sum(inf['chunks'])} chunks, {inf['generated_tokens']} "
-              f"generated tokens (per-request caps); engine batch {inf['engine_batch']}, length buckets every 256; "
-              f"first run with compiles {inf['ours_first_run_s']:.1f} s; answers equal to the chat() loop's: ours "
-              f"{inf['agree_with_chat']['ours']}/{inf['requests']}, HF batched "
-              f"{inf['agree_with_chat']['ref_batched']}/{inf['requests']}",
+              f"sdpa attention, fused AdamW + clipping; fp32: fp32 throughout; bf16: bf16 autocast in training, "
+              f"bf16 modules in inference and in the components",
+              *[f"- inference, {p}: {inf['requests']} requests, {sum(inf['chunks'])} chunks, "
+                f"{inf['generated_tokens']} generated tokens (per-request caps); engine batch {inf['engine_batch']}, "
+                f"length buckets every 256; first run with compiles {inf['ours_first_run_s']:.1f} s; answers equal "
+                f"to the chat() loop's: ours {inf['agree_with_chat']['ours']}/{inf['requests']}, HF batched "
+                f"{inf['agree_with_chat']['ref_batched']}/{inf['requests']}" for p, inf in res["infer_meta"].items()],
               "",
               "Achieved FLOP/s counts useful FLOPs only (no padding, no recompute; the LM head over every "
               "position, as both sides compute it); \"useful / computed\" is the share of the computed FLOPs "
               "(padding included, remat recompute not) that is useful.", ""]
     if res.get("inference_tagging"):
-        lines += tagging.markdown(res["inference_tagging"])
+        for p, summary in res["inference_tagging"].items():
+            lines += [f"- {p} " + tagging.markdown(summary)[0][2:]]
         tm = res.get("tagging_machine")
         if tm:
             what = "inference and input pipeline" if res.get("inference_machine") else "tagging"
             lines.append(f"- the {what} rows were measured separately (`{res.get('tagging_command')}`, "
-                         f"{res['inference_tagging'].get('date')}) on {tm['cpu_model']}, {tm['cpu_count']} cores, "
+                         f"{next(iter(res['inference_tagging'].values())).get('date')}) on {tm['cpu_model']}, {tm['cpu_count']} cores, "
                          f"load {tm['loadavg_start'][0]:.2f} at the start; the other rows on the machine below")
         lines.append("")
     if res.get("profile"):

@@ -48,6 +48,10 @@ class Settings:
     remat: str = "none"
     seed: int = 0
     device: str = "cpu"
+    # fp32: both sides in fp32. bf16: ours computes in bf16 (fp32 master weights in training, bf16
+    # weights in inference), the reference under bf16 autocast (training) or as bf16 modules
+    # (inference, components): each side the way its users run bf16
+    precision: str = "fp32"
     # the tagging workload (bench/tagging.py): songs, song length range (s), short and long answer caps
     tag_songs: int = 24
     tag_song_s: tuple = (10.0, 240.0)
@@ -60,8 +64,8 @@ class Settings:
                 "tokenizer_model_max_length": 4096}
 
     def run_dict(self) -> dict:
-        """Our run settings: remat, and bf16 compute on GPU."""
-        return {"remat_policy": self.remat, "dtype": "bfloat16" if self.device == "gpu" else "float32"}
+        """Our run settings: remat, and the compute dtype of ``precision`` (parameters stay fp32)."""
+        return {"remat_policy": self.remat, "dtype": "bfloat16" if self.precision == "bf16" else "float32"}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Settings":
@@ -178,9 +182,18 @@ def build_reference(cfg, seed: int = 3, device: str = "cpu"):
     return ref.to("cuda" if device == "gpu" else "cpu").to(torch.float32)
 
 
-def autocast(device: str):
-    """bf16 autocast on the GPU (what HF Trainer's bf16=True does); nothing on the CPU (fp32)."""
+def autocast(s: Settings):
+    """bf16 autocast at ``precision`` bf16 (what HF Trainer's bf16=True does, on CPU or GPU); nothing at fp32."""
     import torch
 
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device == "gpu" else contextlib.nullcontext()
+    if s.precision != "bf16":
+        return contextlib.nullcontext()
+    return torch.autocast("cuda" if s.device == "gpu" else "cpu", dtype=torch.bfloat16)
+
+
+def torch_dtype(s: Settings):
+    """The reference's module dtype for inference and the component profile: bf16 modules at bf16."""
+    import torch
+
+    return torch.bfloat16 if s.precision == "bf16" else torch.float32
 

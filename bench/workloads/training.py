@@ -78,17 +78,17 @@ def ours_train_child(s: Settings) -> dict:
     return out
 
 
-def ref_forward(ref, fe, samples, device):
+def ref_forward(ref, fe, samples, s: Settings):
     """TinyLLaVA's training forward: every chunk of the batch through the encoder at once, splice at
     -200, right-pad embeddings (zeros) and labels (-100) to the longest row, HF loss."""
     import torch
 
     from mufun_jax.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
-    dev = "cuda" if device == "gpu" else "cpu"
+    dev = "cuda" if s.device == "gpu" else "cpu"
     chunks = [c for smp in samples for per in smp.chunks for c in per]
     mel = fe(chunks, sampling_rate=16000, return_tensors="np").input_features
-    with autocast(device):
+    with autocast(s):
         feats = ref.encode_images(torch.from_numpy(mel).to(dev))  # (chunks, 300, H)
     embed = ref.language_model.get_input_embeddings()
     limit = ref.cfg.tokenizer_model_max_length
@@ -118,7 +118,7 @@ def ref_forward(ref, fe, samples, device):
         embeds[i, :len(r)] = r
         labels[i, :len(r)] = lb
         mask[i, :len(r)] = 1
-    with autocast(device):
+    with autocast(s):
         return ref.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
 
 
@@ -147,7 +147,7 @@ def ref_train(s: Settings, mode: str, samples, warm) -> dict:
             group = batches[i:i + s.ref_accum]
             tot = 0.0
             for b in group:
-                loss = ref_forward(ref, fe, b, s.device) / len(group)
+                loss = ref_forward(ref, fe, b, s) / len(group)
                 loss.backward()
                 tot += float(loss.detach())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
