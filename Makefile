@@ -71,20 +71,22 @@ bench: $(VENV)/.installed
 
 # Our train step and MaxText's Qwen3-8B, compiled ahead of time for v5p-128 and v6e-64 on this CPU
 # host and compared per chip (bench/tpu_vs_maxtext.py -> bench/tpu_vs_maxtext.{json,md}; docs/tpu.md).
-# MaxText's pins (maxtext[tpu]==0.2.5: jax>=0.11.1, flax>=0.12.9, libtpu>=0.0.46, transformers>=5.17)
-# admit this project's set, so it goes into $(VENV), held to the versions already there; the libtpu it
-# brings into site-packages is removed again (every CPU process of the venv would start a TPU runtime)
-# and both sides compile with $(LIBTPU), as the AOT tests do. About 30 minutes on 2 cores. Not part of
-# `make test`.
-$(VENV)/.maxtext: $(VENV)/.installed
-	$(PY) -m pip freeze | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|grain|transformers|torch|numpy)==' \
-		> $(VENV)/maxtext-constraints.txt
-	$(PY) -m pip install --quiet -c $(VENV)/maxtext-constraints.txt "maxtext[tpu]==0.2.5"
-	$(PY) -m pip uninstall --quiet -y libtpu
+# Its own environment, not .venv: maxtext[tpu]==0.2.5 needs mpmath>=1.4.1, every sympy that torch
+# 2.13.0 (the test extra) accepts (>=1.13.3) needs mpmath<1.4, so pip finds no set holding both
+# (ResolutionImpossible, 2026-12-07). Same Python and jax as .venv; libtpu is MaxText's (0.0.52).
+# About 30 minutes on 2 cores. Not part of `make test`.
+TPU_VENV ?= .venv-tpu
+
+$(TPU_VENV)/.installed: setup.cfg pyproject.toml
+	@test -n "$(PYTHON)" || { echo "make bench-tpu: no Python 3.12 or newer found; pass PYTHON=/path/to/python3.12" >&2; exit 2; }
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(TPU_VENV)/bin/python -m pip install --quiet "maxtext[tpu]==0.2.5"
+	$(TPU_VENV)/bin/python -m pip install --quiet -e .
 	touch $@
 
-bench-tpu: $(VENV)/.maxtext
-	PYTHONPATH=$(CURDIR):$(LIBTPU)$${PYTHONPATH:+:$$PYTHONPATH} JAX_PLATFORMS=cpu $(PY) bench/tpu_vs_maxtext.py --out bench
+bench-tpu: $(TPU_VENV)/.installed
+	PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} JAX_PLATFORMS=cpu $(TPU_VENV)/bin/python bench/tpu_vs_maxtext.py --out bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(TPU_VENV) build *.egg-info .pytest_cache

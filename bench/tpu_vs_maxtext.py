@@ -3,12 +3,13 @@ topologies, with the same jax and libtpu, then compared per chip (memory, FLOPs 
 traffic, collective bytes, a roofline step time and the MFU bound it implies).
 
 No TPU is needed: libtpu compiles for a described slice on this CPU host. ``make bench-tpu``
-installs ``maxtext[tpu]==0.2.5`` into the project's own environment (.venv, held to its jax, flax
-and transformers) and runs this script there with the project's libtpu (.venv/libtpu) on the path:
+builds its own environment (.venv-tpu: ``maxtext[tpu]==0.2.5`` and this project, Python 3.12 like
+.venv) and runs this script there. It cannot share .venv: maxtext[tpu] needs mpmath>=1.4.1, and
+every sympy that the test extra's torch 2.13.0 accepts needs mpmath<1.4:
 
     make bench-tpu                                          # every case, writes bench/tpu_vs_maxtext.{json,md}
-    PYTHONPATH=.:.venv/libtpu JAX_PLATFORMS=cpu .venv/bin/python bench/tpu_vs_maxtext.py --cases maxtext_v5p_3 llm_v5p_3
-    .venv/bin/python bench/tpu_vs_maxtext.py --list
+    .venv-tpu/bin/python bench/tpu_vs_maxtext.py --cases maxtext_v5p_3 llm_v5p_3
+    .venv-tpu/bin/python bench/tpu_vs_maxtext.py --list
 
 Sides: ``maxtext`` is MaxText's Qwen3-8B train step (``model_name=qwen3-8b``, its base.yml
 otherwise); ``llm`` is ours on a text-only batch with the LLM fully trained (the same model and
@@ -286,8 +287,8 @@ def main() -> int:
         print(f"unknown case(s) {bad}; --list shows them", file=sys.stderr)
         return 2
     if not _installed("maxtext") and any(CASES[n][0] == "maxtext" for n in names):
-        print("maxtext is not installed in this environment: run `make bench-tpu` (it installs "
-              "maxtext[tpu]==0.2.5 into .venv)", file=sys.stderr)
+        print("maxtext is not installed in this environment: run `make bench-tpu` (it builds .venv-tpu with "
+              "maxtext[tpu]==0.2.5)", file=sys.stderr)
         return 2
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
