@@ -40,6 +40,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 		"python3 and ~/.pyenv/versions/3.1x); jax 0.12 needs one: install it or pass PYTHON=/path/to/python3.12" >&2; exit 2; }
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 12), sys.version' 2>/dev/null || { \
 		echo "make: PYTHON=$(PYTHON) is older than 3.12; jax 0.12 needs 3.12 or newer" >&2; exit 2; }
+	@if [ -x $(PY) ] && ! $(PY) -c 'import sys; assert sys.version_info >= (3, 12)' 2>/dev/null; then \
+		echo "make: $(VENV) was built with an older Python; rebuilding it with $(PYTHON)"; rm -rf $(VENV); fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
