@@ -65,7 +65,7 @@ demo-grpo: $(VENV)/.installed
 	@$(PY) -m mufun_jax.grpo.demo --out runs/demo
 
 # JAX vs the PyTorch reference, side by side on this machine: bench/results.{json,md} (README links
-# them). Run it on a quiet machine: about 30 minutes a round (three rounds) on 2 CPU cores. Not part of `make test`.
+# them). Run it on a quiet machine: about 30 minutes a round (fp32 and bf16; three rounds) on 2 CPU cores. Not part of `make test`.
 # bench/ scripts import mufun_jax from this checkout (PYTHONPATH, as for the tests) and their own
 # bench/workloads package (Python puts the script's folder first on the path); none edits sys.path.
 bench: $(VENV)/.installed
