@@ -141,14 +141,15 @@ def main(argv=None) -> int:
         return 0
     if args.only_tagging or args.only_inference:
         return _update_inference(s, args, facts, precisions)
+    if args.parallel:
+        from concurrent.futures import ThreadPoolExecutor
+
+        children.CHILD_ENV.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # two children share the cores
     runs = {}
     for p in precisions:  # every workload in each precision, fp32 first
         sp = dataclasses.replace(s, precision=p)
         print(f"compare: precision {p}", file=sys.stderr, flush=True)
         if args.parallel:
-            from concurrent.futures import ThreadPoolExecutor
-
-            children.CHILD_ENV.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # two children share the cores
             with ThreadPoolExecutor(2) as pool:
                 f_train = pool.submit(training.run_training, sp, args.repeats, args.timeout)
                 f_inf = pool.submit(inference.run_inference, sp, args.repeats, args.timeout)
@@ -166,7 +167,8 @@ def main(argv=None) -> int:
            "command": " ".join(["python bench/compare.py"] + list(sys.argv[1:] if argv is None else argv)),
            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": facts,
            "facts": {**first["ref"][0]["facts"], **first["ours"][0]["facts"]},
-           "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "precision"}, "packing": first["ours"][0]["train_full"]["packing"],
+           "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "precision"},
+           "packing": first["ours"][0]["train_full"]["packing"],
            "rows": [r for p in precisions for r in runs[p]["rows"]],
            "infer_meta": {p: runs[p]["inf"]["infer_meta"] for p in precisions},
            "profile": None if not args.profile else {

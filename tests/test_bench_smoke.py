@@ -36,7 +36,8 @@ ROWS = {  # (row, metric) pairs that must be present with both sides
 
 def test_compare_tiny(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare.py"), "--tiny", "--repeats", "1", "--parallel",
-                           "--profile", "--out", str(tmp_path), "--timeout", "300"], capture_output=True, text=True, timeout=900)
+                           "--profile", "--out", str(tmp_path), "--timeout", "300"],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "results.md").read_text().count("\n| ") >= len(ROWS) + 2

@@ -149,10 +149,12 @@ def run_profile(s: Settings, repeats: int, timeout: float) -> dict:
 def markdown(prof: dict, s: Settings) -> str:
     unit, scale = ("TFLOP/s", 1e12) if s.device == "gpu" else ("GFLOP/s", 1e9)
     lines = [f"| component ({prof['chunks']} chunks / {prof['tokens']} tokens) | precision | ours s (CPU s) "
-             f"| reference s (CPU s) | ours {unit} | reference {unit} | ours faster by |", "|---|---|---|---|---|---|---|"]
+             f"| reference s (CPU s) | ours {unit} | reference {unit} | ours faster by |",
+             "|---|---|---|---|---|---|---|"]
     for c in prof["components"]:
         o, r = c["ours_s"]["median"], c["ref_s"]["median"]
-        lines.append(f"| {c['component']} | {c.get('precision', 'fp32')} | {o:.3f} ({c['ours_cpu_s']['median']:.2f}) | {r:.3f} "
+        lines.append(f"| {c['component']} | {c.get('precision', 'fp32')} | {o:.3f} ({c['ours_cpu_s']['median']:.2f}) "
+                     f"| {r:.3f} "
                      f"({c['ref_cpu_s']['median']:.2f}) | {c['flops'] / o / scale:.1f} | {c['flops'] / r / scale:.1f} "
                      f"| {c['speedup']:.2f}x |")
     return "\n".join(lines) + "\n"

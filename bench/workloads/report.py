@@ -60,7 +60,8 @@ def markdown(res: dict) -> str:
         if tm:
             what = "inference and input pipeline" if res.get("inference_machine") else "tagging"
             lines.append(f"- the {what} rows were measured separately (`{res.get('tagging_command')}`, "
-                         f"{next(iter(res['inference_tagging'].values())).get('date')}) on {tm['cpu_model']}, {tm['cpu_count']} cores, "
+                         f"{next(iter(res['inference_tagging'].values())).get('date')}) on {tm['cpu_model']}, "
+                         f"{tm['cpu_count']} cores, "
                          f"load {tm['loadavg_start'][0]:.2f} at the start; the other rows on the machine below")
         lines.append("")
     if res.get("profile"):
